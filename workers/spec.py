@@ -15,7 +15,14 @@ import itertools
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Method = Literal["standard", "pgd_at", "trades", "fgsm_rs"]
@@ -24,6 +31,11 @@ ADVERSARIAL_METHODS: frozenset[str] = frozenset({"pgd_at", "trades", "fgsm_rs"})
 # Strict types, but a whole number is accepted where a float is expected (YAML writes 1 for 1.0).
 PositiveFloat = Annotated[float, Field(gt=0)]
 Epsilon = Annotated[float, Field(gt=0, le=1)]
+# [low, high]. JSON and YAML have no tuples, and a stored spec (model_dump(mode="json")) must
+# validate again, so a two-item list is taken too.
+Range = Annotated[
+    tuple[float, float], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
+]
 
 
 class StrictModel(BaseModel):
@@ -113,8 +125,8 @@ class ParameterSpace(StrictModel):
 
     grid: list[Any] | None = None
     choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
+    uniform: Range | None = None
+    loguniform: Range | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ParameterSpace:

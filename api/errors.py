@@ -1,0 +1,123 @@
+"""One JSON shape for every error the API returns, and the handlers that produce it:
+
+    {"error": {"code": "not_found", "message": "no job 'abc'", "fields": []}}
+
+``fields`` lists each invalid field of a 422 by its path (``training.epsilon``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from service.jobs import CheckpointUnavailable, IllegalTransition, JobNotFound, TrialNotFound
+
+# Stable names for clients to branch on (HTTP's own phrases change between versions).
+ERROR_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    422: "invalid",
+    500: "internal_error",
+    503: "unavailable",
+}
+DOMAIN_ERROR_STATUS: dict[type[Exception], int] = {
+    JobNotFound: 404,
+    TrialNotFound: 404,
+    CheckpointUnavailable: 404,
+    IllegalTransition: 409,
+}
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    fields: list[FieldError] = []
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The errors a router answers with, for its OpenAPI docs."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def error_response(
+    status: int,
+    message: str,
+    fields: Sequence[FieldError] = (),
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    code = ERROR_CODES.get(status, f"http_{status}")
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, fields=list(fields)))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    # The domain checks the spec against the server's limits with the spec's own errors.
+    app.add_exception_handler(ValidationError, _validation_error)
+    for exception in DOMAIN_ERROR_STATUS:
+        app.add_exception_handler(exception, _domain_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+async def _request_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _invalid([_field_error(error, in_request=True) for error in exc.errors()])
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ValidationError)
+    return _invalid([_field_error(error, in_request=False) for error in exc.errors()])
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    status = next(s for kind, s in DOMAIN_ERROR_STATUS.items() if isinstance(exc, kind))
+    return error_response(status, str(exc))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette raises the exception on after this response, so the server logs it.
+    return error_response(500, "internal error; the server log has the details")
+
+
+def _invalid(fields: list[FieldError]) -> JSONResponse:
+    message = "; ".join(f"{f.field}: {f.message}" for f in fields)
+    return error_response(422, message, fields)
+
+
+def _field_error(error: Any, *, in_request: bool) -> FieldError:
+    """One pydantic error as the dotted path of its field and a message: a request body's
+    errors are named from the body down (``training.epsilon``), a query's as
+    ``query.limit``."""
+    loc = list(error["loc"])
+    if in_request and loc and loc[0] == "body":
+        loc = loc[1:]
+    if error["type"] == "json_invalid" or not loc:
+        loc = ["body"]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return FieldError(field=".".join(map(str, loc)), message=message)

@@ -1,0 +1,50 @@
+"""The ASGI app: ``uvicorn api.main:app``. It needs no Ray: the dispatcher runs beside it, so
+API replicas scale apart from it.
+
+On start it brings the database to the newest schema and makes sure there is an API token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+from fastapi import FastAPI
+
+from api.body_limit import BodySizeLimit
+from api.errors import install_error_handlers
+from api.routes import health, internal, jobs
+from service.auth import ensure_api_token
+from service.db import make_engine, make_session_factory, upgrade_database
+from service.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upgrade_database(settings.resolved_database_url)
+        app.state.api_token = ensure_api_token(settings)
+        engine = make_engine(settings.resolved_database_url)
+        app.state.session_factory = make_session_factory(engine)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="advorch",
+        summary="Adversarial training jobs (PGD-AT, TRADES) on Ray, over REST.",
+        version=version("advorch"),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(internal.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,447 @@
+"""The domain: every operation on jobs and trials, and the one job state machine.
+
+    queued -> submitted -> running -> succeeded | failed | cancelled
+
+(plus the shortcuts a crash needs: a queued job that cannot be submitted fails, and a submitted
+job whose workers never said "running" can still finish.) Routes, the dispatcher and the
+reconciler all change a job's status through :func:`transition`, which records a
+:class:`JobEvent` for each change.
+
+Each function that writes is one unit of work and commits before it returns; a function that
+raises has changed nothing. Writers are kept from overwriting each other by the version column
+of jobs and trials: a change made on a stale copy fails (:class:`ConcurrentUpdate` for a job)
+and the operations that users and workers call decide again on a fresh copy.
+
+What workers report is idempotent: a job status it already has is a no-op, and trial and metric
+writes commute, so the same post twice, or posts out of order, leave the rows that one post of
+each in order would. Trials and metrics are taken whatever the job's status, since a trial's
+last report may arrive after the job's end.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.exc import StaleDataError
+
+from service.models import Job, JobEvent, JobStatus, Trial, TrialMetric, TrialStatus, utcnow
+from service.settings import Settings
+from workers.spec import JobSpec, field_error
+
+FINISHED: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.SUBMITTED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.SUBMITTED: frozenset({JobStatus.RUNNING} | FINISHED),
+    JobStatus.RUNNING: FINISHED,
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+# How often a write that lost a race is decided again. A metrics post may clash twice (on its
+# trial, then on its epoch); more than that is not a race.
+MAX_CONFLICT_RETRIES = 3
+
+# A trial's status only moves forward: a late "running" never undoes "succeeded".
+TRIAL_STATUS_RANK: dict[TrialStatus, int] = {
+    TrialStatus.PENDING: 0,
+    TrialStatus.RUNNING: 1,
+    TrialStatus.SUCCEEDED: 2,
+    TrialStatus.FAILED: 2,
+    TrialStatus.STOPPED: 2,
+}
+TRIAL_FINISHED: frozenset[TrialStatus] = frozenset(
+    {TrialStatus.SUCCEEDED, TrialStatus.FAILED, TrialStatus.STOPPED}
+)
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class TrialNotFound(Exception):
+    pass
+
+
+class IllegalTransition(Exception):
+    """The state machine has no such change (a finished job back to running)."""
+
+
+class ConcurrentUpdate(IllegalTransition):
+    """Another writer changed the job after it was read; it has been reloaded."""
+
+
+class CheckpointUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Progress:
+    trials_total: int
+    trials_done: int
+    trials_running: int
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    key: str
+    config: dict[str, Any]
+    clean_acc: float
+    robust_acc: float
+    on_front: bool
+
+
+# --- submitting and reading jobs (the user routes) ---
+
+
+def create_job(session: Session, spec: JobSpec, settings: Settings) -> Job:
+    """Queue a validated spec, stored resolved (defaults filled), with its trial count."""
+    check_limits(spec, settings)
+    job = Job(
+        name=spec.name,
+        status=JobStatus.QUEUED,
+        spec=spec.model_dump(mode="json"),
+        num_trials=spec.num_trials(),
+    )
+    session.add(job)
+    session.add(JobEvent(job=job, from_status=None, to_status=JobStatus.QUEUED, reason="submitted"))
+    session.commit()
+    return job
+
+
+def check_limits(spec: JobSpec, settings: Settings) -> None:
+    """Refuse a spec above the limits that protect the cluster, naming the field at fault.
+
+    Raises the same ValidationError as any other spec error, so users see one kind of 422.
+    """
+    training_limits = {
+        "epochs": (settings.max_epochs, "ADVORCH_MAX_EPOCHS"),
+        "batch_size": (settings.max_batch_size, "ADVORCH_MAX_BATCH_SIZE"),
+    }
+    for name, (limit, setting) in training_limits.items():
+        value = getattr(spec.training, name)
+        if value > limit:
+            raise field_error(("training", name), _over_limit(limit, setting), value)
+        space = spec.sweep.parameters.get(f"training.{name}") if spec.sweep else None
+        if space is not None and max(space.candidate_values()) > limit:
+            loc = ("sweep", "parameters", f"training.{name}")
+            raise field_error(loc, _over_limit(limit, setting), space.candidate_values())
+    if spec.resources.num_workers > settings.max_workers:
+        message = _over_limit(settings.max_workers, "ADVORCH_MAX_WORKERS")
+        raise field_error(("resources", "num_workers"), message, spec.resources.num_workers)
+    if spec.num_trials() > settings.max_trials:
+        message = f"expands to {spec.num_trials()} trials; " + _over_limit(
+            settings.max_trials, "ADVORCH_MAX_TRIALS"
+        )
+        raise field_error(("sweep",), message, spec.num_trials())
+
+
+def _over_limit(limit: int, setting: str) -> str:
+    return f"at most {limit} allowed on this server ({setting})"
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return job
+
+
+def list_jobs(
+    session: Session, *, status: JobStatus | None, limit: int, offset: int
+) -> tuple[list[Job], int]:
+    """One page of jobs, newest first, and how many match in all."""
+    query = select(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = query.options(selectinload(Job.trials)).order_by(Job.created_at.desc(), Job.id.desc())
+    return list(session.scalars(page.limit(limit).offset(offset))), total
+
+
+def cancel_job(session: Session, job: Job, *, reason: str = "cancelled by user") -> Job:
+    """Cancel at once. A job already on Ray is flagged for the dispatcher to stop there.
+    Raises IllegalTransition when the job has finished."""
+    for _ in range(MAX_CONFLICT_RETRIES):
+        _ensure_allowed(job, JobStatus.CANCELLED)
+        job.ray_cleanup_pending = job.ray_submission_id is not None
+        try:
+            return transition(session, job, JobStatus.CANCELLED, reason=reason)
+        except ConcurrentUpdate:
+            continue  # the dispatcher submitted it meanwhile: cancel what it is now
+    raise ConcurrentUpdate(f"job {job.id} keeps changing; try again")
+
+
+def get_trial(session: Session, job: Job, key: str) -> Trial:
+    trial = _find_trial(session, job, key)
+    if trial is None:
+        raise TrialNotFound(f"job {job.id!r} has no trial {key!r}")
+    return trial
+
+
+def job_progress(job: Job) -> Progress:
+    statuses = [trial.status for trial in job.trials]
+    return Progress(
+        trials_total=job.num_trials,
+        trials_done=sum(status in TRIAL_FINISHED for status in statuses),
+        trials_running=statuses.count(TrialStatus.RUNNING),
+    )
+
+
+def best_trial(job: Job) -> Trial | None:
+    """The trial with the highest robust accuracy (then clean accuracy), if any has one."""
+    scored = [trial for trial in job.trials if trial.robust_acc is not None]
+    return max(scored, key=lambda t: (t.robust_acc or 0.0, t.clean_acc or 0.0), default=None)
+
+
+def tradeoff(job: Job) -> list[TradeoffPoint]:
+    """Clean against robust accuracy of every trial with final metrics, in order of clean
+    accuracy, each marked whether it is on the Pareto front (no other trial is at least as
+    good on both and better on one)."""
+    scored = [
+        (trial, (trial.clean_acc, trial.robust_acc))
+        for trial in job.trials
+        if trial.clean_acc is not None and trial.robust_acc is not None
+    ]
+    points = [
+        TradeoffPoint(
+            key=trial.key,
+            config=trial.config,
+            clean_acc=score[0],
+            robust_acc=score[1],
+            on_front=not any(_dominates(other, score) for _, other in scored),
+        )
+        for trial, score in scored
+    ]
+    return sorted(points, key=lambda p: (p.clean_acc, p.robust_acc, p.key))
+
+
+def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] >= b[0] and a[1] >= b[1] and a != b
+
+
+def checkpoint_path(trial: Trial, settings: Settings) -> Path:
+    """The local file of a trial's best checkpoint.
+
+    Only files inside the storage folder are served, so a worker token cannot make the server
+    hand out any other file it can read.
+    """
+    uri = trial.checkpoint_uri
+    if uri is None:
+        raise CheckpointUnavailable(f"trial {trial.key!r} has no checkpoint yet")
+    path, storage = _local_path(uri), _local_path(settings.resolved_storage_uri)
+    if path is None or storage is None or not path.resolve().is_relative_to(storage.resolve()):
+        raise CheckpointUnavailable(
+            f"checkpoint {uri!r} of trial {trial.key!r} is not in this server's storage"
+        )
+    if not path.is_file():
+        raise CheckpointUnavailable(f"checkpoint file {uri!r} of trial {trial.key!r} is missing")
+    return path
+
+
+def _local_path(uri: str) -> Path | None:
+    """The path of a plain path or file:// URI; None for remote storage (s3://...)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(uri) if parsed.scheme == "" else None
+
+
+# --- the state machine (users, workers, the dispatcher and the reconciler) ---
+
+
+def transition(
+    session: Session, job: Job, to: JobStatus, *, reason: str, error: str | None = None
+) -> Job:
+    """Move ``job`` to status ``to``, recording why; commits.
+
+    Raises IllegalTransition when the state machine has no such change (changing nothing),
+    and ConcurrentUpdate when another writer changed the job first (the job is reloaded).
+    """
+    _ensure_allowed(job, to)
+    now = utcnow()
+    session.add(JobEvent(job=job, from_status=job.status, to_status=to, reason=reason))
+    job.status = to
+    if to == JobStatus.RUNNING and job.started_at is None:
+        job.started_at = now
+    if to in FINISHED:
+        job.finished_at = now
+    if error is not None:
+        job.error = error
+    try:
+        session.commit()
+    except StaleDataError as err:
+        session.rollback()
+        session.refresh(job)
+        raise ConcurrentUpdate(f"job {job.id} changed meanwhile; it is now {job.status}") from err
+    return job
+
+
+def _ensure_allowed(job: Job, to: JobStatus) -> None:
+    if to not in ALLOWED_TRANSITIONS[job.status]:
+        raise IllegalTransition(f"job {job.id} is {job.status}; it cannot become {to}")
+
+
+def mark_submitted(
+    session: Session, job: Job, *, ray_submission_id: str, dashboard_url: str
+) -> Job:
+    """queued -> submitted, with where it runs on Ray; commits.
+
+    Raises IllegalTransition when the job is no longer queued (a user cancelled it while it was
+    being submitted): the caller then stops the Ray job it has just submitted.
+    """
+    _ensure_allowed(job, JobStatus.SUBMITTED)
+    job.ray_submission_id = ray_submission_id
+    job.dashboard_url = dashboard_url
+    return transition(session, job, JobStatus.SUBMITTED, reason="submitted to Ray")
+
+
+def jobs_in_status(session: Session, *statuses: JobStatus) -> list[Job]:
+    """Jobs in any of ``statuses``, oldest first (the order the dispatcher serves them).
+
+    Like :func:`jobs_pending_ray_cleanup`, it reloads jobs the session already holds, so a
+    long-lived session (the dispatcher's loop) sees what other writers have done since.
+    """
+    query = select(Job).where(Job.status.in_(statuses)).order_by(Job.created_at, Job.id)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def jobs_pending_ray_cleanup(session: Session) -> list[Job]:
+    query = select(Job).where(Job.ray_cleanup_pending.is_(True)).order_by(Job.created_at)
+    return list(session.scalars(query.execution_options(populate_existing=True)))
+
+
+def mark_ray_cleaned(session: Session, job: Job) -> None:
+    """The dispatcher has stopped this cancelled job on Ray; commits."""
+    job.ray_cleanup_pending = False
+    try:
+        session.commit()
+    except StaleDataError as err:
+        session.rollback()
+        raise ConcurrentUpdate(f"job {job.id} changed meanwhile") from err
+
+
+# --- what workers report (the internal routes) ---
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _retry_on_conflict(
+    operation: Callable[Concatenate[Session, P], R],
+) -> Callable[Concatenate[Session, P], R]:
+    """Run a worker write again when a concurrent one got there first: it inserted the same
+    row (a unique-key clash) or changed the trial this one read. The next run reads what is
+    there now and merges into it, so both posts count."""
+
+    @functools.wraps(operation)
+    def run(session: Session, *args: P.args, **kwargs: P.kwargs) -> R:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                return operation(session, *args, **kwargs)
+            except (IntegrityError, StaleDataError):
+                session.rollback()
+        return operation(session, *args, **kwargs)
+
+    return run
+
+
+def record_job_event(
+    session: Session, job: Job, to: JobStatus, *, reason: str, error: str | None = None
+) -> Job:
+    """A worker's report of the job's status: the status it already has is a no-op (no second
+    event), an illegal one raises IllegalTransition. A change that loses a race with another
+    writer is decided again on the reloaded job."""
+    for _ in range(MAX_CONFLICT_RETRIES):
+        if job.status == to:
+            return job
+        try:
+            return transition(session, job, to, reason=reason, error=error)
+        except ConcurrentUpdate:
+            continue
+    raise ConcurrentUpdate(f"job {job.id} keeps changing; try again")
+
+
+@_retry_on_conflict
+def upsert_trial(
+    session: Session,
+    job: Job,
+    key: str,
+    *,
+    config: dict[str, Any] | None = None,
+    status: TrialStatus | None = None,
+    clean_acc: float | None = None,
+    robust_acc: float | None = None,
+    best_epoch: int | None = None,
+    checkpoint_uri: str | None = None,
+    error: str | None = None,
+) -> Trial:
+    """Create or update a trial; commits. Its status only moves forward, and a value given
+    replaces one stored but a None never erases one."""
+    trial = _find_or_add_trial(session, job, key, status=TrialStatus.PENDING)
+    if config:
+        trial.config = config
+    if status is not None:
+        _advance(trial, status)
+    _merge(
+        trial,
+        clean_acc=clean_acc,
+        robust_acc=robust_acc,
+        best_epoch=best_epoch,
+        checkpoint_uri=checkpoint_uri,
+        error=error,
+    )
+    session.commit()
+    return trial
+
+
+@_retry_on_conflict
+def record_epoch_metrics(
+    session: Session, job: Job, key: str, *, epoch: int, **metrics: float | None
+) -> TrialMetric:
+    """Create or update one epoch's metrics of a trial (``metrics`` by TrialMetric's column
+    names); commits. A trial not reported yet is created, running: metrics mean it runs."""
+    trial = _find_or_add_trial(session, job, key, status=TrialStatus.RUNNING)
+    _advance(trial, TrialStatus.RUNNING)
+    row = session.get(TrialMetric, (trial.id, epoch))
+    if row is None:
+        row = TrialMetric(trial_id=trial.id, epoch=epoch)
+        session.add(row)
+    _merge(row, **metrics)
+    session.commit()
+    return row
+
+
+def _find_trial(session: Session, job: Job, key: str) -> Trial | None:
+    return session.scalar(select(Trial).where(Trial.job_id == job.id, Trial.key == key))
+
+
+def _find_or_add_trial(session: Session, job: Job, key: str, *, status: TrialStatus) -> Trial:
+    trial = _find_trial(session, job, key)
+    if trial is None:
+        trial = Trial(job_id=job.id, key=key, config={}, status=status)
+        session.add(trial)
+        session.flush()  # a concurrent insert of the same key clashes here, and is retried
+    return trial
+
+
+def _advance(trial: Trial, status: TrialStatus) -> None:
+    if TRIAL_STATUS_RANK[status] > TRIAL_STATUS_RANK[trial.status]:
+        trial.status = status
+
+
+def _merge(row: Trial | TrialMetric, **values: Any) -> None:
+    for name, value in values.items():
+        if value is not None:
+            setattr(row, name, value)

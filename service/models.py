@@ -1,0 +1,196 @@
+"""The database tables, as typed SQLAlchemy 2 models: jobs, their trials, each trial's
+per-epoch metrics, and the audit trail of every job status change.
+
+The migrations in ``migrations/versions`` create exactly these tables; a test compares them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TrialStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"  # ended early by the scheduler (ASHA)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend: SQLite keeps no zone, so what it
+    returns is read back as UTC (which is all it is ever given)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def status_column(enum: type[StrEnum]) -> Enum:
+    """A status stored as its value in a VARCHAR, on every backend (no native ENUM type, so
+    adding a status later is a code change, not a schema one)."""
+    return Enum(
+        enum,
+        native_enum=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class Base(DeclarativeBase):
+    # Named constraints, so migrations can drop and alter them on every backend.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[JobStatus] = mapped_column(status_column(JobStatus), index=True)
+    # The resolved spec (JobSpec.model_dump(mode="json")): exactly what runs.
+    spec: Mapped[dict[str, Any]]
+    num_trials: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    ray_submission_id: Mapped[str | None] = mapped_column(String(128))
+    dashboard_url: Mapped[str | None] = mapped_column(Text)
+    # Set when a job that has a Ray submission is cancelled: the dispatcher stops the Ray job
+    # and clears it, so a cancel never waits on Ray.
+    ray_cleanup_pending: Mapped[bool] = mapped_column(default=False)
+    # Optimistic locking: every UPDATE checks the version it read, so two writers (an API
+    # replica cancelling, the dispatcher submitting) can never both win a status change.
+    version: Mapped[int] = mapped_column(Integer)
+
+    trials: Mapped[list[Trial]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Trial.id"
+    )
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobEvent.id"
+    )
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class Trial(Base):
+    __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("job_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # The worker's own stable name for the trial; users address trials by it.
+    key: Mapped[str] = mapped_column(String(128))
+    # The fields this trial overrides, by dotted path: {"training.beta": 6.0}.
+    config: Mapped[dict[str, Any]]
+    status: Mapped[TrialStatus] = mapped_column(status_column(TrialStatus))
+    clean_acc: Mapped[float | None] = mapped_column(Float)
+    robust_acc: Mapped[float | None] = mapped_column(Float)
+    best_epoch: Mapped[int | None]
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    # Optimistic locking, as for jobs: a status decided on a stale read never lands.
+    version: Mapped[int] = mapped_column(Integer)
+
+    job: Mapped[Job] = relationship(back_populates="trials")
+    metrics: Mapped[list[TrialMetric]] = relationship(
+        back_populates="trial", cascade="all, delete-orphan", order_by="TrialMetric.epoch"
+    )
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class TrialMetric(Base):
+    """One epoch of one trial; the metric names are design.md's."""
+
+    __tablename__ = "trial_metrics"
+
+    trial_id: Mapped[int] = mapped_column(
+        ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(primary_key=True)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    train_acc: Mapped[float | None] = mapped_column(Float)
+    val_clean_acc: Mapped[float | None] = mapped_column(Float)
+    val_robust_acc: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    epoch_seconds: Mapped[float | None] = mapped_column(Float)
+    images_per_second: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    trial: Mapped[Trial] = relationship(back_populates="metrics")
+
+
+class JobEvent(Base):
+    """One status change of a job: the audit trail. from_status is None for the submission."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    from_status: Mapped[JobStatus | None] = mapped_column(status_column(JobStatus))
+    to_status: Mapped[JobStatus] = mapped_column(status_column(JobStatus))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="events")

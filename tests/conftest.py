@@ -1,0 +1,202 @@
+"""Shared fixtures. The API tests talk real HTTP to a live server (uvicorn in a thread) on each
+database backend: SQLite in a temporary folder, and PostgreSQL at 127.0.0.1:5432 in a database
+made for this session and dropped after it. When PostgreSQL is down its tests fail, not skip:
+``.ci/run`` starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from sqlalchemy import create_engine, text
+
+from api.main import create_app
+from service import jobs
+from service.auth import worker_token
+from service.db import make_engine, make_session_factory
+from service.settings import Settings
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "ADVORCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+BACKENDS = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
+
+# The live servers' limits: small, so the tests can go over them cheaply.
+TEST_LIMITS: dict[str, Any] = {
+    "max_epochs": 50,
+    "max_trials": 16,
+    "max_workers": 4,
+    "max_batch_size": 512,
+    "max_request_bytes": 64_000,
+}
+
+
+@pytest.fixture(scope="session")
+def make_database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+    """Make an empty database on a backend ("sqlite" or "postgres") and give its URL. The
+    PostgreSQL ones are dropped at the end of the session, so runs never collide."""
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def make(backend: str) -> str:
+        if backend == "sqlite":
+            return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'advorch.db'}"
+        name = f"advorch_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        made.append(name)
+        return admin.url.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with admin.connect() as connection:
+        for name in made:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database_url(
+    request: pytest.FixtureRequest, make_database_url: Callable[[str], str]
+) -> str:
+    """An empty database on each backend, for tests that make the schema themselves."""
+    return make_database_url(request.param)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    settings: Settings
+
+    @property
+    def api_token(self) -> str:
+        """Read as the CLI reads it: from $ADVORCH_HOME/api_token."""
+        return self.settings.api_token_file.read_text().strip()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def live_server(
+    request: pytest.FixtureRequest,
+    make_database_url: Callable[[str], str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    """``create_app(settings)`` served by uvicorn on a free port, one per backend."""
+    settings = Settings(
+        home=tmp_path_factory.mktemp(f"home-{request.param}"),
+        database_url=make_database_url(request.param),
+        api_token=None,
+        secret_key=None,
+        **TEST_LIMITS,
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    host, port = sock.getsockname()
+    config = uvicorn.Config(create_app(settings), lifespan="on", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the test server did not start; its log is above")
+        time.sleep(0.02)
+    yield LiveServer(url=f"http://{host}:{port}", settings=settings)
+    server.should_exit = True
+    thread.join()
+    sock.close()
+
+
+@pytest.fixture(scope="session")
+def api(live_server: LiveServer) -> Iterator[httpx.Client]:
+    """An HTTP client of the live server with the user's API token."""
+    headers = {"Authorization": f"Bearer {live_server.api_token}"}
+    with httpx.Client(base_url=live_server.url, headers=headers) as client:
+        yield client
+
+
+@pytest.fixture
+def submit(api: httpx.Client) -> Callable[..., dict[str, Any]]:
+    """Submit a job spec (a small valid one, with ``spec`` merged over it) and return the job."""
+
+    def submit_job(**spec: Any) -> dict[str, Any]:
+        response = api.post("/v1/jobs", json={"name": "test-job", **spec})
+        assert response.status_code == 201, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    return submit_job
+
+
+@pytest.fixture
+def worker(live_server: LiveServer) -> Iterator[Callable[[str], httpx.Client]]:
+    """An HTTP client holding a job's worker token, as that job's workers hold it."""
+    clients: list[httpx.Client] = []
+
+    def client_for(job_id: str) -> httpx.Client:
+        token = worker_token(live_server.settings, job_id)
+        headers = {"Authorization": f"Bearer {token}"}
+        clients.append(httpx.Client(base_url=live_server.url, headers=headers))
+        return clients[-1]
+
+    yield client_for
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def dispatch(
+    live_server: LiveServer, worker: Callable[[str], httpx.Client]
+) -> Iterator[Callable[[str], httpx.Client]]:
+    """Play the dispatcher (a later issue) as it does: mark a queued job submitted to Ray, and
+    hand the job's worker token to its workers (here: an HTTP client holding it)."""
+    engine = make_engine(live_server.settings.resolved_database_url)
+    session_factory = make_session_factory(engine)
+
+    def dispatch_job(job_id: str) -> httpx.Client:
+        with session_factory() as session:
+            jobs.mark_submitted(
+                session,
+                jobs.get_job(session, job_id),
+                ray_submission_id=f"advorch-{job_id}",
+                dashboard_url=f"http://127.0.0.1:8265/#/jobs/advorch-{job_id}",
+            )
+        return worker(job_id)
+
+    yield dispatch_job
+    engine.dispose()
+
+
+@pytest.fixture
+def storage_dir(live_server: LiveServer) -> Path:
+    """The live server's checkpoint storage folder (the default: under ADVORCH_HOME)."""
+    path = Path(live_server.settings.resolved_storage_uri)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def tiny_cifar10_root(tmp_path: Path) -> Path:
+    """A data folder holding ``cifar-10-batches-py`` in the standard python format, as
+    ``load_dataset("cifar10", split, root)`` reads it: five training batches of 20 images and
+    a test batch of 10; image ``i`` of a batch has label ``i % 10`` and pixels
+    ``(i + c + h + w) % 256``."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    files = {f"data_batch_{i}": 20 for i in range(1, 6)} | {"test_batch": 10}
+    c, h, w = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    for name, size in files.items():
+        images = np.stack([(i + c + h + w) % 256 for i in range(size)]).astype(np.uint8)
+        batch = {b"data": images.reshape(size, 3072), b"labels": [i % 10 for i in range(size)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return tmp_path

@@ -1,0 +1,366 @@
+"""The routes workers post to, over real HTTP on SQLite and PostgreSQL: a job's whole life,
+read back by the user routes; idempotency and order independence; and the 409s."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+Submit = Callable[..., dict[str, Any]]
+Dispatch = Callable[[str], httpx.Client]
+
+TRADES_SWEEP: dict[str, Any] = {
+    "training": {"method": "trades", "epochs": 2},
+    "sweep": {"parameters": {"training.beta": {"grid": [1.0, 6.0]}}},
+}
+
+
+def post_event(worker: httpx.Client, job_id: str, status: str, **body: Any) -> httpx.Response:
+    return worker.post(
+        f"/v1/internal/jobs/{job_id}/events", json={"status": status, "reason": "r", **body}
+    )
+
+
+def put_trial(worker: httpx.Client, job_id: str, key: str, **body: Any) -> httpx.Response:
+    response = worker.put(f"/v1/internal/jobs/{job_id}/trials/{key}", json={"config": {}, **body})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def post_metrics(worker: httpx.Client, job_id: str, key: str, **metrics: Any) -> httpx.Response:
+    response = worker.post(f"/v1/internal/jobs/{job_id}/trials/{key}/metrics", json=metrics)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def without_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not k.endswith("_at")} for row in rows]
+
+
+def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch) -> None:
+    job_id = submit(name="life", **TRADES_SWEEP)["id"]
+    worker = dispatch(job_id)
+    assert post_event(worker, job_id, "running", reason="workers started").status_code == 200
+
+    results = {"beta_1": (1.0, 0.90, 0.40), "beta_6": (6.0, 0.80, 0.50)}
+    for key, (beta, clean, robust) in results.items():
+        put_trial(worker, job_id, key, config={"training.beta": beta}, status="running")
+        for epoch in (1, 2):
+            post_metrics(
+                worker,
+                job_id,
+                key,
+                epoch=epoch,
+                train_loss=1.0 / epoch,
+                train_acc=0.5,
+                val_clean_acc=clean,
+                val_robust_acc=robust,
+                lr=0.1,
+                epoch_seconds=2.0,
+                images_per_second=900.0,
+            )
+        mid_sweep = api.get(f"/v1/jobs/{job_id}").json()["progress"]
+        assert mid_sweep["trials_running"] == 1
+        put_trial(
+            worker,
+            job_id,
+            key,
+            config={"training.beta": beta},
+            status="succeeded",
+            clean_acc=clean,
+            robust_acc=robust,
+            best_epoch=2,
+            checkpoint_uri=f"file:///storage/{job_id}/{key}/best.pt",
+        )
+    done = post_event(worker, job_id, "succeeded", reason="all trials finished")
+    assert done.status_code == 200
+    assert done.json()["status"] == "succeeded"
+
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded"
+    assert job["started_at"] is not None and job["finished_at"] >= job["started_at"]
+    assert job["ray_submission_id"] == f"advorch-{job_id}"
+    assert job["dashboard_url"].endswith(job["ray_submission_id"])
+    assert job["progress"] == {"trials_total": 2, "trials_done": 2, "trials_running": 0}
+    assert job["best_trial"] == {
+        "key": "beta_6",
+        "config": {"training.beta": 6.0},
+        "clean_acc": 0.80,
+        "robust_acc": 0.50,
+    }
+
+    trials = api.get(f"/v1/jobs/{job_id}/trials").json()
+    assert [(t["key"], t["status"], t["best_epoch"]) for t in trials] == [
+        ("beta_1", "succeeded", 2),
+        ("beta_6", "succeeded", 2),
+    ]
+    metrics = api.get(f"/v1/jobs/{job_id}/trials/beta_6/metrics").json()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[1]["train_loss"] == 0.5 and metrics[1]["val_robust_acc"] == 0.50
+
+    tradeoff = api.get(f"/v1/jobs/{job_id}/tradeoff").json()
+    assert [(p["key"], p["on_front"]) for p in tradeoff["points"]] == [
+        ("beta_6", True),
+        ("beta_1", True),
+    ]
+    assert [p["key"] for p in tradeoff["front"]] == ["beta_6", "beta_1"]
+
+    trail = api.get(f"/v1/jobs/{job_id}/events").json()
+    assert [(e["to_status"], e["reason"]) for e in trail] == [
+        ("queued", "submitted"),
+        ("submitted", "submitted to Ray"),
+        ("running", "workers started"),
+        ("succeeded", "all trials finished"),
+    ]
+
+
+def test_tradeoff_front_leaves_out_dominated_trials(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    scores = {"a": (0.9, 0.3), "b": (0.8, 0.5), "c": (0.7, 0.4), "d": (0.8, 0.5), "e": (0.6, None)}
+    for key, (clean, robust) in scores.items():
+        put_trial(worker, job_id, key, status="succeeded", clean_acc=clean, robust_acc=robust)
+    tradeoff = api.get(f"/v1/jobs/{job_id}/tradeoff").json()
+    on_front = {p["key"]: p["on_front"] for p in tradeoff["points"]}
+    assert on_front == {"a": True, "b": True, "c": False, "d": True}  # e has no robust_acc
+    assert [p["clean_acc"] for p in tradeoff["front"]] == [0.8, 0.8, 0.9]
+
+
+def test_the_status_a_job_has_is_a_no_op(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    first = post_event(worker, job_id, "running")
+    second = post_event(worker, job_id, "running")
+    assert first.status_code == second.status_code == 200
+    assert second.json() == first.json()
+    trail = api.get(f"/v1/jobs/{job_id}/events").json()
+    assert [e["to_status"] for e in trail] == ["queued", "submitted", "running"]
+
+
+@pytest.mark.parametrize(
+    ("history", "illegal"),
+    [
+        (["running", "succeeded"], "running"),
+        (["running", "succeeded"], "failed"),
+        (["running", "failed"], "succeeded"),
+        (["cancel"], "running"),
+        (["running", "cancel"], "succeeded"),
+    ],
+)
+def test_an_illegal_status_change_is_409_and_changes_nothing(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch, history: list[str], illegal: str
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    for status in history:
+        if status == "cancel":
+            assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        else:
+            assert post_event(worker, job_id, status).status_code == 200
+    before = api.get(f"/v1/jobs/{job_id}").json(), api.get(f"/v1/jobs/{job_id}/events").json()
+
+    response = post_event(worker, job_id, illegal, error="late")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "conflict"
+    after = api.get(f"/v1/jobs/{job_id}").json(), api.get(f"/v1/jobs/{job_id}/events").json()
+    assert after == before
+
+
+def test_a_queued_job_cannot_run_before_it_is_submitted(
+    api: httpx.Client, submit: Submit, worker: Callable[[str], httpx.Client]
+) -> None:
+    job_id = submit()["id"]
+    assert post_event(worker(job_id), job_id, "running").status_code == 409
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+
+
+def test_workers_cannot_post_statuses_that_are_not_theirs(
+    submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    for status in ("cancelled", "queued", "submitted", "done"):
+        response = post_event(worker, job_id, status)
+        assert response.status_code == 422
+        assert response.json()["error"]["fields"][0]["field"] == "status"
+
+
+def test_a_trial_upserted_three_times_is_one_trial(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    body = {"config": {"training.beta": 3.0}, "status": "succeeded", "clean_acc": 0.9}
+    responses = [put_trial(worker, job_id, "t0", **body).json() for _ in range(3)]
+    assert without_times(responses) == without_times([responses[0]] * 3)
+    trials = api.get(f"/v1/jobs/{job_id}/trials").json()
+    assert without_times(trials) == without_times([responses[0]])
+
+
+def test_a_trial_never_moves_back_and_nulls_never_erase(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    put_trial(
+        worker, job_id, "t0", config={"training.beta": 1.0}, status="succeeded", robust_acc=0.4
+    )
+    late = put_trial(worker, job_id, "t0", status="running", robust_acc=None, clean_acc=0.8).json()
+    assert late["status"] == "succeeded"
+    assert late["robust_acc"] == 0.4 and late["clean_acc"] == 0.8
+    assert late["config"] == {"training.beta": 1.0}
+    assert api.get(f"/v1/jobs/{job_id}/trials").json()[0]["status"] == "succeeded"
+
+
+def test_the_same_metric_posted_twice_is_one_row(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    for _ in range(2):
+        post_metrics(worker, job_id, "t0", epoch=1, train_loss=0.7, val_robust_acc=0.3)
+    metrics = api.get(f"/v1/jobs/{job_id}/trials/t0/metrics").json()
+    assert len(metrics) == 1
+    assert metrics[0]["train_loss"] == 0.7 and metrics[0]["val_robust_acc"] == 0.3
+
+    # Metrics before the trial's own report: the trial exists, running, config still unknown.
+    trials = api.get(f"/v1/jobs/{job_id}/trials").json()
+    assert [(t["key"], t["status"], t["config"]) for t in trials] == [("t0", "running", {})]
+
+
+# A trial's posts, as a worker sends them in order...
+WORKER_POSTS: list[tuple[str, dict[str, Any]]] = [
+    ("trial", {"config": {"training.beta": 6.0}, "status": "pending"}),
+    ("trial", {"config": {"training.beta": 6.0}, "status": "running"}),
+    ("metrics", {"epoch": 1, "train_loss": 0.9, "val_robust_acc": 0.2}),
+    ("metrics", {"epoch": 2, "train_loss": 0.6, "val_robust_acc": 0.3}),
+    ("metrics", {"epoch": 2, "lr": 0.05}),
+    ("trial", {"config": {"training.beta": 6.0}, "status": "succeeded", "robust_acc": 0.3}),
+    ("trial", {"config": {"training.beta": 6.0}, "best_epoch": 2, "checkpoint_uri": "s3://b/k"}),
+]
+# ...and the rows they leave.
+TRIAL_AFTER_POSTS = {
+    "key": "t",
+    "config": {"training.beta": 6.0},
+    "status": "succeeded",
+    "clean_acc": None,
+    "robust_acc": 0.3,
+    "best_epoch": 2,
+    "checkpoint_uri": "s3://b/k",
+    "error": None,
+}
+METRIC_NAMES = (
+    "train_loss train_acc val_clean_acc val_robust_acc lr epoch_seconds images_per_second"
+)
+NO_METRICS = dict.fromkeys(METRIC_NAMES.split())
+METRICS_AFTER_POSTS = [
+    {**NO_METRICS, "epoch": 1, "train_loss": 0.9, "val_robust_acc": 0.2},
+    {**NO_METRICS, "epoch": 2, "train_loss": 0.6, "val_robust_acc": 0.3, "lr": 0.05},
+]
+
+
+@example(order=WORKER_POSTS, retried=[])
+@example(order=WORKER_POSTS[::-1], retried=WORKER_POSTS)
+@given(
+    order=st.permutations(WORKER_POSTS),
+    retried=st.lists(st.sampled_from(WORKER_POSTS), max_size=3),
+)
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_posts_in_any_order_leave_the_same_rows(
+    api: httpx.Client,
+    submit: Submit,
+    dispatch: Dispatch,
+    order: list[tuple[str, dict[str, Any]]],
+    retried: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """What a flaky network does to a worker's posts: some sent again, all out of order."""
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    for kind, body in order + retried:
+        if kind == "trial":
+            put_trial(worker, job_id, "t", **body)
+        else:
+            post_metrics(worker, job_id, "t", **body)
+    trials = api.get(f"/v1/jobs/{job_id}/trials").json()
+    assert without_times(trials) == [TRIAL_AFTER_POSTS]
+    assert api.get(f"/v1/jobs/{job_id}/trials/t/metrics").json() == METRICS_AFTER_POSTS
+
+
+def test_reports_are_validated(submit: Submit, dispatch: Dispatch) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    trials = f"/v1/internal/jobs/{job_id}/trials"
+    for method, url, body, field in [
+        ("POST", f"/v1/internal/jobs/{job_id}/events", {"status": "running"}, "reason"),
+        (
+            "POST",
+            f"/v1/internal/jobs/{job_id}/events",
+            {"status": "running", "reason": ""},
+            "reason",
+        ),
+        ("PUT", f"{trials}/has space", {"config": {}}, "path.trial_key"),
+        ("PUT", f"{trials}/{'k' * 129}", {"config": {}}, "path.trial_key"),
+        ("PUT", f"{trials}/t", {"status": "running"}, "config"),
+        ("PUT", f"{trials}/t", {"config": {}, "status": "done"}, "status"),
+        ("PUT", f"{trials}/t", {"config": {}, "clean_acc": "high"}, "clean_acc"),
+        ("PUT", f"{trials}/t", {"config": {}, "colour": "blue"}, "colour"),
+        ("POST", f"{trials}/t/metrics", {"train_loss": 0.1}, "epoch"),
+        ("POST", f"{trials}/t/metrics", {"epoch": 0}, "epoch"),
+        ("POST", f"{trials}/t/metrics", {"epoch": 1, "lr": "fast"}, "lr"),
+    ]:
+        response = worker.request(method, url, json=body)
+        assert response.status_code == 422, (url, body, response.text)
+        assert field in [f["field"] for f in response.json()["error"]["fields"]]
+
+
+def test_reports_on_an_unknown_job_are_404(worker: Callable[[str], httpx.Client]) -> None:
+    response = post_event(worker("nosuchjob"), "nosuchjob", "running")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "no job 'nosuchjob'"
+
+
+def test_concurrent_retries_of_the_same_posts_count_once(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    """A worker that retries before its first try has answered: the posts race each other."""
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+
+    def post_all(_: int) -> list[int]:
+        return [
+            post_event(worker, job_id, "running").status_code,
+            put_trial(worker, job_id, "t", config={"training.beta": 1.0}).status_code,
+            post_metrics(worker, job_id, "t", epoch=1, train_loss=0.5).status_code,
+        ]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        statuses = list(pool.map(post_all, range(6)))
+    assert statuses == [[200, 200, 200]] * 6
+    trail = api.get(f"/v1/jobs/{job_id}/events").json()
+    assert [e["to_status"] for e in trail] == ["queued", "submitted", "running"]
+    assert len(api.get(f"/v1/jobs/{job_id}/trials").json()) == 1
+    assert len(api.get(f"/v1/jobs/{job_id}/trials/t/metrics").json()) == 1
+
+
+def test_a_failed_job_keeps_its_error(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    failed = post_event(worker, job_id, "failed", reason="trial crashed", error="CUDA OOM")
+    assert failed.status_code == 200
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["error"]) == ("failed", "CUDA OOM")
+    assert job["started_at"] is None and job["finished_at"] is not None

@@ -1,0 +1,164 @@
+"""The job spec's validation, directly and through ``POST /v1/jobs``: every refusal names the
+field at fault, and defaults are resolved so a job's spec says exactly what runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+from workers.spec import JobSpec
+
+if TYPE_CHECKING:
+    from tests.conftest import LiveServer
+
+
+def grid_sweep(**parameters: list[Any]) -> dict[str, Any]:
+    return {"parameters": {path: {"grid": values} for path, values in parameters.items()}}
+
+
+# (what the spec sets, the field path the error must name)
+INVALID_SPECS: list[tuple[dict[str, Any], str]] = [
+    ({"training": {"nope": 1}}, "training.nope"),
+    ({"colour": "blue"}, "colour"),
+    ({"training": {"epochs": "ten"}}, "training.epochs"),
+    ({"training": {"epochs": 2.5}}, "training.epochs"),
+    ({"training": {"epsilon": 0}}, "training.epsilon"),
+    ({"training": {"epsilon": 1.5}}, "training.epsilon"),
+    ({"training": {"attack_steps": 0}}, "training.attack_steps"),
+    ({"evaluation": {"attack_steps": 0}}, "evaluation.attack_steps"),
+    ({"training": {"method": "pgd_at", "beta": 6.0}}, "training.beta"),
+    ({"training": {"method": "madry"}}, "training.method"),
+    ({"dataset": {"name": "imagenet"}}, "dataset.name"),
+    ({"sweep": grid_sweep(**{"training.nope": [1, 2]})}, "sweep.parameters.training.nope"),
+    ({"sweep": grid_sweep(**{"model.arch": ["small_cnn"]})}, "sweep.parameters.model.arch"),
+    ({"sweep": grid_sweep(**{"training.beta": []})}, "sweep.parameters.training.beta"),
+    (
+        {"sweep": grid_sweep(**{"training.epsilon": [0.1, 2.0]})},
+        "sweep.parameters.training.epsilon",
+    ),
+    ({"sweep": {"parameters": {}}}, "sweep.parameters"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID_SPECS)
+def test_invalid_spec_error_names_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate({"name": "bad", **spec})
+    fields = [".".join(map(str, error["loc"])) for error in caught.value.errors()]
+    assert field in fields
+
+
+def test_defaults_are_resolved() -> None:
+    spec = JobSpec.model_validate({"name": "defaults", "training": {"method": "trades"}})
+    assert spec.training.beta == 6.0
+    assert spec.training.step_size == pytest.approx(spec.training.epsilon / 4)
+    assert spec.evaluation.epsilon == spec.training.epsilon
+    assert spec.num_trials() == 1
+
+
+def test_sweep_trial_count_is_grid_product_times_samples() -> None:
+    sweep = grid_sweep(**{"training.beta": [0.5, 1.0, 3.0], "training.epsilon": [0.05, 0.1]})
+    spec = JobSpec.model_validate(
+        {"name": "sweep", "training": {"method": "trades"}, "sweep": {**sweep, "num_samples": 2}}
+    )
+    assert spec.num_trials() == 12
+
+
+def test_stored_spec_validates_again_unchanged() -> None:
+    """What the service stores (JSON) is what the dispatcher and workers read back."""
+    spec = JobSpec.model_validate(
+        {
+            "name": "ranges",
+            "training": {"method": "trades"},
+            "sweep": {"parameters": {"training.beta": {"uniform": [0.5, 6.0]}}, "search": "random"},
+        }
+    )
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+# --- through the API ---
+
+
+def assert_invalid(response: httpx.Response, field: str) -> None:
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid"
+    assert field in [f["field"] for f in error["fields"]]
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID_SPECS)
+def test_api_refuses_invalid_spec_naming_the_field(
+    api: httpx.Client, spec: dict[str, Any], field: str
+) -> None:
+    assert_invalid(api.post("/v1/jobs", json={"name": "bad", **spec}), field)
+
+
+# (a spec just over the live server's limits, the field path the error must name)
+OVER_LIMITS: list[tuple[Callable[[Settings], dict[str, Any]], str]] = [
+    (lambda limits: {"training": {"epochs": limits.max_epochs + 1}}, "training.epochs"),
+    (lambda limits: {"training": {"batch_size": limits.max_batch_size + 1}}, "training.batch_size"),
+    (
+        lambda limits: {"resources": {"num_workers": limits.max_workers + 1}},
+        "resources.num_workers",
+    ),
+    (
+        lambda limits: {"sweep": grid_sweep(**{"training.epochs": [1, limits.max_epochs + 1]})},
+        "sweep.parameters.training.epochs",
+    ),
+    (
+        lambda limits: {
+            "sweep": {**grid_sweep(**{"training.seed": [0, 1]}), "num_samples": limits.max_trials}
+        },
+        "sweep",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("over_limit", "field"), [pytest.param(*case, id=case[1]) for case in OVER_LIMITS]
+)
+def test_api_refuses_spec_over_the_server_limits(
+    api: httpx.Client,
+    live_server: LiveServer,
+    over_limit: Callable[[Settings], dict[str, Any]],
+    field: str,
+) -> None:
+    spec = {"name": "too-big", **over_limit(live_server.settings)}
+    assert_invalid(api.post("/v1/jobs", json=spec), field)
+
+
+def test_api_accepts_spec_at_the_server_limits(
+    live_server: LiveServer, submit: Callable[..., dict[str, Any]]
+) -> None:
+    limits = live_server.settings
+    job = submit(
+        training={"epochs": limits.max_epochs, "batch_size": limits.max_batch_size},
+        resources={"num_workers": limits.max_workers},
+        sweep={**grid_sweep(**{"training.seed": [0, 1]}), "num_samples": limits.max_trials // 2},
+    )
+    assert job["num_trials"] == limits.max_trials
+
+
+def test_api_returns_the_resolved_spec(
+    api: httpx.Client, submit: Callable[..., dict[str, Any]]
+) -> None:
+    written = {"name": "resolved", "training": {"method": "trades", "epsilon": 0.1}}
+    job = submit(**written)
+    read_back = api.get(f"/v1/jobs/{job['id']}").json()["spec"]
+    assert read_back == JobSpec.model_validate(written).model_dump(mode="json")
+    assert read_back["training"]["beta"] == 6.0
+    assert read_back["training"]["step_size"] == pytest.approx(0.025)
+    assert read_back["evaluation"]["epsilon"] == 0.1
+
+
+def test_api_refuses_a_body_that_is_not_json(api: httpx.Client) -> None:
+    response = api.post(
+        "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert_invalid(response, "body")
