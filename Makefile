@@ -5,6 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint bench clean-venv
 
+# Debian's Chromium, for the test that renders the web page headless (root here, as in CI).
+CHROMIUM := /usr/bin/chromium
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -16,7 +19,10 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/advorch serve
 
-test: $(STAMP)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -14,7 +14,8 @@ from fastapi import FastAPI
 
 from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
-from api.routes import health, internal, jobs
+from api.request_metrics import RequestMetrics
+from api.routes import health, internal, jobs, metrics, web
 from service.auth import ensure_api_token
 from service.db import make_engine, make_session_factory, upgrade_database
 from service.settings import Settings, get_settings
@@ -41,7 +42,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics)
+    app.include_router(web.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(internal.router)
     return app

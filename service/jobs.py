@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
+from service.metrics import DISPATCH_LATENCY, EPOCH_METRICS_POSTED
 from service.models import Job, JobEvent, JobStatus, Trial, TrialMetric, TrialStatus, utcnow
 from service.settings import Settings
 from workers.spec import JobSpec, field_error
@@ -304,7 +305,9 @@ def mark_submitted(
     _ensure_allowed(job, JobStatus.SUBMITTED)
     job.ray_submission_id = ray_submission_id
     job.dashboard_url = dashboard_url
-    return transition(session, job, JobStatus.SUBMITTED, reason="submitted to Ray")
+    submitted = transition(session, job, JobStatus.SUBMITTED, reason="submitted to Ray")
+    DISPATCH_LATENCY.observe((utcnow() - job.created_at).total_seconds())
+    return submitted
 
 
 def jobs_in_status(session: Session, *statuses: JobStatus) -> list[Job]:
@@ -420,6 +423,7 @@ def record_epoch_metrics(
         session.add(row)
     _merge(row, **metrics)
     session.commit()
+    EPOCH_METRICS_POSTED.inc()
     return row
 
 
