@@ -1,0 +1,155 @@
+"""L-inf attacks on inputs in [0, 1]: PGD, FGSM (and FGSM-RS) and the TRADES inner maximisation.
+
+Every attack runs inside ``frozen(model)``: BatchNorm in eval mode (the attack must not move
+the running statistics) and no parameter requiring a gradient, so each attack step computes
+the gradient with respect to the input only (``torch.autograd.grad``), never the weight
+gradients a ``loss.backward()`` would. That is most of the speed-up over the textbook loop.
+The model leaves an attack as it came in: same train/eval mode, same buffers, no ``.grad``.
+No attack step reads a value back to the host, so on CUDA the steps queue without waiting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.device import logits_of
+from workers.losses import kl_divergence
+
+TRADES_START_STD = 0.001  # the official TRADES start: x + 0.001 * N(0, 1)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode with every parameter's ``requires_grad`` off; both restored after."""
+    was_training = model.training
+    parameters = list(model.parameters())
+    required_grad = [p.requires_grad for p in parameters]
+    model.eval()
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        for p, flag in zip(parameters, required_grad, strict=True):
+            p.requires_grad_(flag)
+
+
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+    random_start: bool = True,
+    restarts: int = 1,
+) -> torch.Tensor:
+    """Projected gradient descent on the cross-entropy (Madry et al. 2018) in the L-inf ball
+    of radius ``epsilon`` around ``x``, clipped to [0, 1].
+
+    With ``restarts`` > 1 the attack runs again from new random starts and keeps, per example,
+    the first adversarial input found (the first run's result where none is found), so more
+    restarts never make the attack weaker.
+    """
+    x, y = x.detach(), y.detach()
+    with frozen(model):
+        x_best = _pgd_run(model, x, y, epsilon, step_size, steps, random_start)
+        if restarts > 1:
+            fooled = _misclassified(model, x_best, y)
+            for _ in range(restarts - 1):
+                x_adv = _pgd_run(model, x, y, epsilon, step_size, steps, random_start)
+                newly_fooled = _misclassified(model, x_adv, y) & ~fooled
+                x_best = torch.where(_per_example(newly_fooled, x), x_adv, x_best)
+                fooled |= newly_fooled
+    return x_best
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epsilon: float,
+    step_size: float | None = None,
+    random_start: bool = False,
+) -> torch.Tensor:
+    """FGSM (Goodfellow et al. 2015): one signed-gradient step of ``epsilon`` from ``x``.
+
+    With ``random_start``, FGSM-RS (Wong et al. 2020): one step of ``step_size`` (they use
+    1.25 * epsilon) from a uniform point in the ball, projected back onto it.
+    """
+    return pgd_linf(
+        model,
+        x,
+        y,
+        epsilon=epsilon,
+        step_size=epsilon if step_size is None else step_size,
+        steps=1,
+        random_start=random_start,
+    )
+
+
+def trades_attack(
+    model: nn.Module, x: torch.Tensor, *, epsilon: float, step_size: float, steps: int
+) -> torch.Tensor:
+    """The TRADES inner maximisation: PGD on KL(f(x) || f(x_adv)) from x + 0.001 * N(0, 1).
+
+    It needs no labels: it moves the prediction away from the model's own clean prediction.
+    """
+    x = x.detach()
+    with frozen(model):
+        with torch.no_grad():
+            logits_clean = logits_of(model, x)
+        x_adv = _project(x + TRADES_START_STD * torch.randn_like(x), x, epsilon)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                loss = kl_divergence(logits_clean, logits_of(model, x_adv), reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, epsilon)
+    return x_adv
+
+
+def _pgd_run(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+    random_start: bool,
+) -> torch.Tensor:
+    if random_start:
+        x_adv = _project(x + torch.empty_like(x).uniform_(-epsilon, epsilon), x, epsilon)
+    else:
+        x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        with torch.enable_grad():  # attacks work under a caller's no_grad() too
+            # A sum, not a mean: the same sign, and gradients that do not shrink with the batch.
+            loss = F.cross_entropy(logits_of(model, x_adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, epsilon)
+    return x_adv
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """The nearest point to ``x_adv`` in the L-inf ball around ``x`` and in [0, 1]."""
+    return torch.clamp(torch.minimum(torch.maximum(x_adv, x - epsilon), x + epsilon), 0, 1)
+
+
+def _misclassified(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return logits_of(model, x).argmax(dim=1) != y
+
+
+def _per_example(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-example boolean mask shaped to broadcast over ``like``'s other dimensions."""
+    return mask.view(-1, *[1] * (like.dim() - 1))
