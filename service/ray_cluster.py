@@ -1,0 +1,232 @@
+"""The Ray cluster jobs run on: the local head ``advorch serve`` starts (and stops) when no
+``ADVORCH_RAY_ADDRESS`` is given, and ``RayJobs``, the Ray Jobs client of the dispatcher and the
+reconciler.
+
+Ray 2.60 protects a cluster with a token. The local head gets its own, kept in
+``$ADVORCH_HOME/ray_auth_token``: the head reads it through ``RAY_AUTH_TOKEN_PATH`` (and hands
+it to every process of the cluster) and ``RayJobs`` sends it as a bearer token. For a cluster
+of your own, give its token as Ray itself takes it: ``RAY_AUTH_TOKEN``, a file named by
+``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.job_submission import JobDetails, JobSubmissionClient
+
+from service.settings import Settings
+
+HEAD_START_TIMEOUT_S = 90.0
+HEAD_STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class LocalRayHead:
+    """A ``ray start --head --block`` process: the whole local cluster lives and dies with it."""
+
+    process: subprocess.Popen[bytes]
+    gcs_address: str
+    dashboard_url: str
+    auth_token: str
+    log_file: Path
+
+    def stop(self) -> None:
+        """Stop the cluster and every process of it; returns when they are gone."""
+        if self.process.poll() is None:
+            # On SIGTERM `ray start --block` stops the processes it started; the workers
+            # those started exit when their raylet does.
+            self.process.terminate()
+            try:
+                self.process.wait(HEAD_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        # Anything of its process group still alive (it has a session of its own) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def start_local_head(settings: Settings) -> LocalRayHead:
+    """Start a one-node Ray cluster on this machine, with this Python, and wait until its Jobs
+    API answers. GCS and every other Ray port are free ports (never Redis's 6379, and never
+    the fixed defaults, so two heads can share a machine); the dashboard is on 127.0.0.1."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    token_file = settings.home / "ray_auth_token"
+    token = _read_or_create_token(token_file)
+    gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
+    bin_dir = Path(sys.executable).parent
+    command = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        "--disable-usage-stats",
+    ]
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        # On SIGTERM a head first waits up to 30 s for its node to drain (for Ray Serve);
+        # when the service stops, nothing of this cluster is left to drain for.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Job entrypoints run `python -m workers.entrypoint`: this Python, with advorch in it.
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log_file = settings.home / "ray-head.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the service, which stops Ray in order
+            preexec_fn=_exit_with_parent,
+        )
+    head = LocalRayHead(
+        process=process,
+        gcs_address=f"127.0.0.1:{gcs_port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        auth_token=token,
+        log_file=log_file,
+    )
+    try:
+        _wait_for_jobs_api(head)
+    except BaseException:
+        head.stop()
+        raise
+    return head
+
+
+def _wait_for_jobs_api(head: LocalRayHead) -> None:
+    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+    while True:
+        if head.process.poll() is not None:
+            raise RuntimeError(
+                f"the Ray head exited with code {head.process.returncode}; "
+                f"its log:\n{_tail(head.log_file)}"
+            )
+        try:
+            RayJobs(head.dashboard_url, head.auth_token).client()
+            return
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the Ray head did not answer at {head.dashboard_url} within "
+                    f"{HEAD_START_TIMEOUT_S:.0f} s; its log:\n{_tail(head.log_file)}"
+                ) from None
+            time.sleep(0.5)
+
+
+def _exit_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the service dies, even by SIGKILL, so that
+    a killed service leaves no Ray cluster behind (Linux; elsewhere a no-op)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _read_or_create_token(path: Path) -> str:
+    """The token kept at ``path`` (mode 0600), made at the first start."""
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free right now, all different (the OS may hand them out again later, but Ray
+    takes them within seconds)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def cluster_auth_token() -> str | None:
+    """The token of a cluster of the user's own, from where Ray itself looks for it."""
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token.strip()
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(token_path) if token_path else Path.home() / ".ray" / "auth_token"
+    return path.read_text().strip() if path.is_file() else None
+
+
+class RayJobs:
+    """The Ray Jobs API of one cluster, as the service uses it: submit a job under an id of
+    ours (idempotently), look a job up, stop it."""
+
+    def __init__(self, address: str, auth_token: str | None) -> None:
+        # The Jobs API is the dashboard's: http://host:8265.
+        self.address = address.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self._client: JobSubmissionClient | None = None
+
+    def client(self) -> JobSubmissionClient:
+        """The Jobs client, connected on first use (raises ConnectionError while the cluster
+        does not answer)."""
+        if self._client is None:
+            self._client = JobSubmissionClient(self.address, headers=self._headers)
+        return self._client
+
+    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
+        """Start ``entrypoint`` as the Ray Job ``submission_id``, unless that job exists
+        already: a retried submission never starts a job twice."""
+        if self.info(submission_id) is not None:
+            return
+        try:
+            self.client().submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env={"env_vars": env_vars},
+            )
+        except RuntimeError as err:
+            # Submitted meanwhile by another dispatcher: Ray refuses a second one.
+            if "already exists" not in str(err):
+                raise
+
+    def info(self, submission_id: str) -> JobDetails | None:
+        """The Ray Job's details, or None when the cluster has no such job."""
+        try:
+            return self.client().get_job_info(submission_id)
+        except RuntimeError as err:
+            if "status code 404" in str(err):
+                return None
+            raise
+
+    def stop(self, submission_id: str) -> None:
+        """Stop the Ray Job: its driver gets SIGTERM (then SIGKILL), and the Tune trials and
+        Train workers it owns die with it. A job that is unknown or over is left as it is."""
+        try:
+            self.client().stop_job(submission_id)
+        except RuntimeError as err:
+            if "status code 404" not in str(err):
+                raise
+
+    def dashboard_url(self, submission_id: str) -> str:
+        """The job's page on the Ray dashboard."""
+        return f"{self.address}/#/jobs/{submission_id}"

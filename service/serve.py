@@ -1,0 +1,124 @@
+"""``advorch serve``: the whole service in one process.
+
+    1. bring the database to the newest schema
+    2. start a local Ray head, unless ADVORCH_RAY_ADDRESS names a cluster to use
+    3. run the reconciler and the dispatcher, each in a background thread
+    4. serve the API with uvicorn, until Ctrl-C or SIGTERM
+
+and then stop, in reverse, everything it started, the Ray head included: no process is left
+behind. (Even a SIGKILL leaves no Ray head: it is told to stop when this process dies.)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from api.main import create_app
+from service.auth import ensure_api_token
+from service.db import make_engine, make_session_factory, upgrade_database
+from service.dispatcher import dispatch
+from service.ray_cluster import LocalRayHead, RayJobs, cluster_auth_token, start_local_head
+from service.reconciler import reconcile
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+THREAD_JOIN_TIMEOUT_S = 10.0
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Stop by unwinding, so that the cleanup below runs on SIGTERM as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    signal.signal(signal.SIGINT, _raise_system_exit)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade_database(settings.resolved_database_url)
+    ensure_api_token(settings)
+
+    head: LocalRayHead | None = None
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        if settings.ray_address is None:
+            log.info("starting a local Ray head (log: %s)", settings.home / "ray-head.log")
+            head = start_local_head(settings)
+            ray_jobs = RayJobs(head.dashboard_url, head.auth_token)
+        else:
+            ray_jobs = RayJobs(settings.ray_address, cluster_auth_token())
+        session_factory = make_session_factory(engine)
+        threads = [
+            _every(
+                settings.reconcile_interval_s,
+                stop,
+                "reconciler",
+                lambda: reconcile(session_factory, ray_jobs),
+            ),
+            _every(
+                settings.dispatch_interval_s,
+                stop,
+                "dispatcher",
+                lambda: dispatch(session_factory, ray_jobs, settings),
+            ),
+        ]
+        print(_banner(settings, ray_jobs), flush=True)
+        config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port)
+        uvicorn.Server(config).run()
+    finally:
+        # A second Ctrl-C must not cut the cleanup short and leave Ray running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop.set()
+        for thread in threads:
+            thread.join(THREAD_JOIN_TIMEOUT_S)
+        engine.dispose()
+        if head is not None:
+            log.info("stopping the local Ray head")
+            head.stop()
+
+
+def _every(
+    interval_s: float, stop: threading.Event, name: str, work: Callable[[], None]
+) -> threading.Thread:
+    """Run ``work`` now and then every ``interval_s`` in a thread, until ``stop`` is set. A
+    round that fails is logged and the next one tries again (Ray or the database may be
+    away for a while)."""
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                work()
+            except OSError as err:  # Ray cannot be reached (yet): no traceback every second
+                log.warning("%s: %s; trying again in %.0f s", name, err, interval_s)
+            except Exception:
+                log.exception("%s: the round failed; trying again in %.0f s", name, interval_s)
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _banner(settings: Settings, ray_jobs: RayJobs) -> str:
+    api_url = f"http://{settings.host}:{settings.port}"
+    token = (
+        "ADVORCH_API_TOKEN"
+        if settings.api_token is not None
+        else f"in {settings.api_token_file} (send it as: Authorization: Bearer <token>)"
+    )
+    return (
+        f"advorch is serving\n"
+        f"  API:           {api_url}  (docs at {api_url}/docs)\n"
+        f"  Ray dashboard: {ray_jobs.address}\n"
+        f"  API token:     {token}"
+    )
+
+
+def _raise_system_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

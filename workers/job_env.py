@@ -1,0 +1,60 @@
+"""What a job's processes on Ray are told by the service: the whole of what workers know of it.
+
+The dispatcher puts a ``JobEnv`` into the Ray Job's ``runtime_env`` as environment variables;
+every process of the job (the entrypoint, each Tune trial, each Ray Train worker) inherits them
+and reads them back with ``JobEnv.from_environ()``. This module imports nothing heavy, so the
+service can build one without importing Ray Tune or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# The environment variable of each field.
+ENV_VARS: dict[str, str] = {
+    "job_id": "ADVORCH_JOB_ID",
+    "service_url": "ADVORCH_SERVICE_URL",
+    "worker_token": "ADVORCH_WORKER_TOKEN",
+    "spec_json": "ADVORCH_JOB_SPEC",
+    "storage_uri": "ADVORCH_STORAGE_URI",
+    "data_dir": "ADVORCH_DATA_DIR",
+}
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    job_id: str
+    # Where the internal routes are (the service's public URL).
+    service_url: str
+    # The job-scoped token that opens this job's internal routes, and only them.
+    worker_token: str
+    # The resolved JobSpec, as JSON.
+    spec_json: str
+    # The service's checkpoint storage folder; shared storage on a cluster.
+    storage_uri: str
+    # Where data sets such as cifar-10-batches-py live.
+    data_dir: str
+
+    def as_env_vars(self) -> dict[str, str]:
+        return {ENV_VARS[f.name]: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> JobEnv:
+        missing = [name for name in ENV_VARS.values() if name not in environ]
+        if missing:
+            raise RuntimeError(f"not started by the advorch dispatcher: {', '.join(missing)} unset")
+        return cls(**{field: environ[name] for field, name in ENV_VARS.items()})
+
+    def best_checkpoint_path(self, trial_key: str) -> Path:
+        """Where a trial's best checkpoint is kept, for the service to serve (a file in the
+        storage folder, which the service must see too)."""
+        return Path(self.storage_uri) / self.job_id / trial_key / "best.pt"
+
+    @property
+    def ray_storage_path(self) -> str:
+        """Where Ray Tune and Ray Train keep this job's runs (Train's resume checkpoints): a
+        folder, or any URI Ray's storage takes (s3://...)."""
+        return f"{self.storage_uri.rstrip('/')}/{self.job_id}/ray"
