@@ -4,7 +4,7 @@ caller's credentials checked (the user's API token, or the worker token of that 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,6 +14,9 @@ from service import jobs
 from service.auth import is_api_token, worker_token_job_id
 from service.models import Job
 from service.settings import Settings
+
+if TYPE_CHECKING:  # the Ray client is imported only by servers that are given a cluster
+    from service.ray_cluster import RayJobs
 
 user_bearer = HTTPBearer(
     scheme_name="APIToken",
@@ -49,6 +52,18 @@ def get_job(job_id: str, session: SessionDep) -> Job:
 
 
 JobDep = Annotated[Job, Depends(get_job)]
+
+
+def get_ray_jobs(request: Request) -> RayJobs:
+    """The Ray Jobs client of the cluster jobs run on; an API replica given no cluster address
+    serves everything but what only Ray has (the logs)."""
+    ray_jobs: RayJobs | None = request.app.state.ray_jobs
+    if ray_jobs is None:
+        raise HTTPException(503, "this API server knows no Ray cluster: set ADVORCH_RAY_ADDRESS")
+    return ray_jobs
+
+
+RayJobsDep = Annotated["RayJobs", Depends(get_ray_jobs)]
 
 
 def require_user(

@@ -16,7 +16,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from service.jobs import CheckpointUnavailable, IllegalTransition, JobNotFound, TrialNotFound
+from service.jobs import (
+    CheckpointUnavailable,
+    IllegalTransition,
+    JobNotFound,
+    LogsUnavailable,
+    TrialNotFound,
+)
 
 # Stable names for clients to branch on (HTTP's own phrases change between versions).
 ERROR_CODES: dict[int, str] = {
@@ -35,6 +41,7 @@ DOMAIN_ERROR_STATUS: dict[type[Exception], int] = {
     JobNotFound: 404,
     TrialNotFound: 404,
     CheckpointUnavailable: 404,
+    LogsUnavailable: 404,
     IllegalTransition: 409,
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -20,9 +21,19 @@ from service.auth import ensure_api_token
 from service.db import make_engine, make_session_factory, upgrade_database
 from service.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from service.ray_cluster import RayJobs
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+
+def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None) -> FastAPI:
+    """The app; ``ray_jobs`` is the client of the cluster jobs run on (``advorch serve`` passes
+    its own), else one for ``ADVORCH_RAY_ADDRESS`` when set, else none: the API then runs
+    without Ray, and only the logs route answers 503."""
     settings = settings or get_settings()
+    if ray_jobs is None and settings.ray_address is not None:
+        from service.ray_cluster import RayJobs, cluster_auth_token
+
+        ray_jobs = RayJobs(settings.ray_address, cluster_auth_token())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.ray_jobs = ray_jobs
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetrics)

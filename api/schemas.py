@@ -70,6 +70,10 @@ class JobPage(BaseModel):
     offset: int
 
 
+class JobLogs(BaseModel):
+    logs: str = Field(description="The Ray Job's log, as Ray keeps it.")
+
+
 class JobEventPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -87,6 +87,10 @@ class CheckpointUnavailable(Exception):
     pass
 
 
+class LogsUnavailable(Exception):
+    pass
+
+
 @dataclass(frozen=True)
 class Progress:
     trials_total: int
@@ -249,6 +253,17 @@ def checkpoint_path(trial: Trial, settings: Settings) -> Path:
     if not path.is_file():
         raise CheckpointUnavailable(f"checkpoint file {uri!r} of trial {trial.key!r} is missing")
     return path
+
+
+def ray_logs(job: Job, read_logs: Callable[[str], str | None]) -> str:
+    """The log of the job's Ray Job, read by ``read_logs(submission_id)`` (None: Ray has no
+    such job, e.g. a cluster restarted since)."""
+    if job.ray_submission_id is None:
+        raise LogsUnavailable(f"job {job.id!r} has not been submitted to Ray: it has no log yet")
+    logs = read_logs(job.ray_submission_id)
+    if logs is None:
+        raise LogsUnavailable(f"the Ray cluster has no job {job.ray_submission_id!r} any more")
+    return logs
 
 
 def _local_path(uri: str) -> Path | None:

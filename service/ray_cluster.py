@@ -227,6 +227,15 @@ class RayJobs:
             if "status code 404" not in str(err):
                 raise
 
+    def logs(self, submission_id: str) -> str | None:
+        """The Ray Job's log (its driver's output), or None when the cluster has no such job."""
+        try:
+            return self.client().get_job_logs(submission_id)
+        except RuntimeError as err:
+            if "status code 404" in str(err):
+                return None
+            raise
+
     def dashboard_url(self, submission_id: str) -> str:
         """The job's page on the Ray dashboard."""
         return f"{self.address}/#/jobs/{submission_id}"

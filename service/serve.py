@@ -68,7 +68,9 @@ def serve(settings: Settings) -> None:
             ),
         ]
         print(_banner(settings, ray_jobs), flush=True)
-        config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port)
+        config = uvicorn.Config(
+            create_app(settings, ray_jobs), host=settings.host, port=settings.port
+        )
         uvicorn.Server(config).run()
     finally:
         # A second Ctrl-C must not cut the cleanup short and leave Ray running.

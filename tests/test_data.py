@@ -8,7 +8,6 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from service.settings import get_settings
 from workers.data import Augmentation, augment, load_dataset, synthetic_dataset
 
 
@@ -61,12 +60,11 @@ def test_cifar10_root_defaults_to_advorch_data_dir(
     tiny_cifar10_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ADVORCH_DATA_DIR", str(tiny_cifar10_root))
-    get_settings.cache_clear()
-    try:
-        x, _ = load_dataset("cifar10", "test")
-    finally:
-        get_settings.cache_clear()
+    x, _ = load_dataset("cifar10", "test")
     assert len(x) == 10
+    monkeypatch.delenv("ADVORCH_DATA_DIR")
+    with pytest.raises(ValueError, match="ADVORCH_DATA_DIR"):
+        load_dataset("cifar10", "test")
 
 
 def test_a_missing_cifar10_folder_names_the_path_and_what_was_expected(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ moves it to the device once and then only indexes it: no loader, no per-batch CP
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +77,12 @@ def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cifar10_folder(root: Path | None) -> Path:
     if root is None:
-        # Imported here so that the other data sets need no service settings at all.
-        from service.settings import get_settings
-
-        root = get_settings().resolved_data_dir
+        # Workers know nothing of the service's settings: the job hands them the data folder.
+        if "ADVORCH_DATA_DIR" not in os.environ:
+            raise ValueError(
+                "cifar10 needs root= (the folder holding cifar-10-batches-py) or ADVORCH_DATA_DIR"
+            )
+        root = Path(os.environ["ADVORCH_DATA_DIR"])
     return Path(root) / CIFAR10_FOLDER
 
 

@@ -35,7 +35,7 @@ from workers.trial import plain_config, run_trial
 # A trial's own process only waits on its Train workers, which reserve the CPUs the training
 # uses. It reserves no CPU (even 0.01 of one would keep two 1-CPU trials from sharing two
 # cores), only the memory it holds; Tune wants some resource in every trial's request.
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 512 * 2**20}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 512 * 2**20}
 
 
 def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:

@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.responses import FileResponse
 
-from api.deps import JobDep, SessionDep, SettingsDep, require_user
+from api.deps import JobDep, RayJobsDep, SessionDep, SettingsDep, require_user
 from api.errors import error_responses
 from api.schemas import (
     EpochMetricsPublic,
     JobEventPublic,
+    JobLogs,
     JobPage,
     JobPublic,
     TradeoffPublic,
@@ -91,6 +92,12 @@ def download_checkpoint(
     """The trial's best checkpoint, loadable by ``workers.models.load_checkpoint``."""
     path = jobs.checkpoint_path(jobs.get_trial(session, job, trial_key), settings)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{trial_key}.pt")
+
+
+@router.get("/{job_id}/logs")
+def read_job_logs(job: JobDep, ray_jobs: RayJobsDep) -> JobLogs:
+    """The job's Ray Job log: its driver's output, the Tune progress and any error."""
+    return JobLogs(logs=jobs.ray_logs(job, ray_jobs.logs))
 
 
 @router.get("/{job_id}/tradeoff")
