@@ -1,13 +1,28 @@
-"""The ``advorch`` command: ``advorch serve``, ``advorch db upgrade``.
+"""The ``advorch`` command.
 
-One Typer app; each command is a small function that reads the settings and calls into the
-service. Client commands (submit, jobs, status, ...) are added here the same way.
+    advorch serve | db upgrade                    run the service (server side)
+    advorch submit | jobs | status | cancel |     the user's commands: REST calls to the
+      logs | results | tradeoff | checkpoint      service, through service.client
+
+One Typer app; each command is a small function. The user's commands find the service and
+the token from the same settings and token file as the server, and print an API error as one
+line, never a traceback.
 """
 
 from __future__ import annotations
 
-import typer
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
+import typer
+import yaml
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from service.client import AdvorchClient, ApiError
 from service.settings import get_settings
 
 app = typer.Typer(
@@ -40,5 +55,248 @@ def db_upgrade() -> None:
     typer.echo(f"database at {settings.resolved_database_url} is up to date")
 
 
+# --- the user's commands: they talk to the service over REST, as any client does ---
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+POLL_INTERVAL_S = 2.0
+console = Console()
+
+
+def _client() -> AdvorchClient:
+    return AdvorchClient.from_settings(get_settings())
+
+
+def _fail(message: str) -> NoReturn:
+    """One clear line on stderr and a non-zero exit: never a traceback."""
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('training.')}={v}" for k, v in config.items()) or "-"
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``training.beta=3`` -> ("training.beta", 3): the value is read as YAML, as in a spec."""
+    path, eq, value = text.partition("=")
+    if not eq or not path:
+        raise typer.BadParameter(f"{text!r}: expected FIELD=VALUE, e.g. training.beta=3")
+    return path.strip(), yaml.safe_load(value)
+
+
+def _set_dotted(spec: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = spec
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise typer.BadParameter(f"--set {path}: {key} is not a section of the spec")
+    node[leaf] = value
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A job spec (YAML).")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set training.beta=3 (repeatable)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the job with a live progress display.")
+    ] = False,
+) -> None:
+    """Submit a job spec; with --wait, follow it until it ends (exit 1 unless it succeeded)."""
+    spec = yaml.safe_load(spec_file.read_text())
+    if not isinstance(spec, dict):
+        _fail(f"{spec_file}: a spec is a YAML mapping")
+    for override in set_ or []:
+        _set_dotted(spec, *_parse_override(override))
+    with _client() as client:
+        job = client.submit(spec)
+        console.print(
+            f"submitted job [bold]{job['id']}[/bold] ({job['name']}, {job['num_trials']} trials)"
+        )
+        if wait:
+            _follow(client, job["id"])
+
+
+@app.command()
+def jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs of this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+) -> None:
+    """The most recent jobs, newest first."""
+    with _client() as client:
+        page = client.list_jobs(status=status, limit=limit)
+    table = Table("id", "name", "status", "trials", "best robust", "created")
+    table.columns[0].no_wrap = True  # whole, to copy into the other commands
+    for job in page["items"]:
+        best = job["best_trial"] or {}
+        progress = job["progress"]
+        table.add_row(
+            job["id"],
+            job["name"],
+            job["status"],
+            f"{progress['trials_done']}/{progress['trials_total']}",
+            _pct(best.get("robust_acc")),
+            job["created_at"][5:16].replace("T", " "),
+        )
+    console.print(table)
+    console.print(f"{len(page['items'])} of {page['total']} jobs")
+
+
+@app.command()
+def status(
+    job_id: str,
+    watch: Annotated[bool, typer.Option(help="Keep watching until the job ends.")] = False,
+) -> None:
+    """A job's status, progress and best trial."""
+    with _client() as client:
+        if watch:
+            _follow(client, job_id)
+            return
+        console.print(_progress_view(client, job_id)[0])
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job; it is stopped on Ray."""
+    with _client() as client:
+        job = client.cancel(job_id)
+    console.print(f"job {job['id']} is {job['status']}")
+
+
+@app.command()
+def logs(job_id: str) -> None:
+    """The job's Ray Job log (its driver's output: the Tune progress and any error)."""
+    with _client() as client:
+        typer.echo(client.logs(job_id), nl=False)
+
+
+@app.command()
+def results(job_id: str) -> None:
+    """Every trial: its config, status, clean and robust accuracy; the best is marked."""
+    with _client() as client:
+        job = client.job(job_id)
+        trials = client.trials(job_id)
+    best = (job["best_trial"] or {}).get("key")
+    table = Table("trial", "config", "status", "clean acc", "robust acc", "best epoch", "")
+    for trial in trials:
+        table.add_row(
+            trial["key"],
+            _config_text(trial["config"]),
+            trial["status"],
+            _pct(trial["clean_acc"]),
+            _pct(trial["robust_acc"]),
+            str(trial["best_epoch"] or "-"),
+            "★ best" if trial["key"] == best else "",
+        )
+    epsilon = job["spec"]["evaluation"]["epsilon"]
+    console.print(
+        f"{job['name']} ({job['status']}): robust accuracy is PGD-"
+        f"{job['spec']['evaluation']['attack_steps']} at epsilon {epsilon:.4f} on the test split"
+    )
+    console.print(table)
+
+
+@app.command()
+def tradeoff(
+    job_id: str,
+    plot: Annotated[Path | None, typer.Option(help="Write a scatter plot (PNG) here.")] = None,
+) -> None:
+    """Clean vs robust accuracy of every trial, and the Pareto front."""
+    with _client() as client:
+        result = client.tradeoff(job_id)
+        job_name = client.job(job_id)["name"]
+    table = Table("trial", "config", "clean acc", "robust acc", "Pareto front")
+    for point in result["points"]:
+        table.add_row(
+            point["key"],
+            _config_text(point["config"]),
+            _pct(point["clean_acc"]),
+            _pct(point["robust_acc"]),
+            "yes" if point["on_front"] else "",
+        )
+    console.print(table)
+    if plot is not None:
+        from service.plots import plot_tradeoff
+
+        plot_tradeoff(result["points"], result["front"], plot, title=job_name)
+        console.print(f"plot written to {plot}")
+
+
+@app.command()
+def checkpoint(
+    job_id: str,
+    trial_key: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write it.")] = Path(
+        "best.pt"
+    ),
+) -> None:
+    """Download a trial's best checkpoint (load it with workers.models.load_checkpoint)."""
+    with _client() as client:
+        client.download_checkpoint(job_id, trial_key, output)
+    console.print(f"checkpoint of {job_id}/{trial_key} written to {output}")
+
+
+def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:
+    """A table of the job's progress, each trial's epoch and accuracy, and the job's status."""
+    job = client.job(job_id)
+    trials = client.trials(job_id)
+    progress, best = job["progress"], job["best_trial"]
+    epochs = job["spec"]["training"]["epochs"]
+    title = (
+        f"{job['name']} ({job['status']})  "
+        f"trials {progress['trials_done']}/{progress['trials_total']} done"
+        + (f"  best robust {_pct(best['robust_acc'])} ({best['key']})" if best else "")
+    )
+    table = Table("trial", "config", "status", "epoch", "clean acc", "robust acc", title=title)
+    table.caption = "running: the last epoch's validation accuracy; done: test accuracy"
+    for trial in trials:
+        if trial["status"] == "running":
+            history = client.metrics(job_id, trial["key"])
+            last = history[-1] if history else {}
+            epoch = f"{last['epoch']}/{epochs}" if last else "-"
+            clean, robust = last.get("val_clean_acc"), last.get("val_robust_acc")
+        else:
+            best_epoch = trial["best_epoch"]
+            epoch = f"best {best_epoch}" if best_epoch else "-"
+            clean, robust = trial["clean_acc"], trial["robust_acc"]
+        table.add_row(
+            trial["key"],
+            _config_text(trial["config"]),
+            trial["status"],
+            epoch,
+            _pct(clean),
+            _pct(robust),
+        )
+    if job["error"]:
+        table.caption = f"error: {job['error']}"
+    return table, job["status"]
+
+
+def _follow(client: AdvorchClient, job_id: str) -> None:
+    """Redraw the progress until the job ends; exit 1 unless it succeeded."""
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            view, job_status = _progress_view(client, job_id)
+            live.update(view, refresh=True)
+            if job_status in FINISHED:
+                break
+            time.sleep(POLL_INTERVAL_S)
+    if job_status != "succeeded":
+        raise typer.Exit(1)
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ApiError as err:  # raised inside a command: one line, no traceback
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(1)

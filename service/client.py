@@ -116,10 +116,7 @@ def _api_error(response: httpx.Response) -> ApiError:
     """The API's own message (its one error shape), or the status line when there is none."""
     try:
         body = response.json()
-        message = body["error"]["message"]
-        fields = body["error"].get("fields") or []
-        if fields:
-            message += ": " + "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        message = str(body["error"]["message"])  # names every invalid field already
     except (ValueError, KeyError, TypeError):
         message = f"{response.status_code} {response.reason_phrase}"
     return ApiError(message, response.status_code)

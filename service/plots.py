@@ -36,6 +36,7 @@ def plot_tradeoff(
         zorder=2,
     )
     ax.set(xlabel="clean accuracy (%)", ylabel="robust accuracy (%)", title=title)
+    ax.margins(x=0.15, y=0.1)  # room for the trial labels
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()

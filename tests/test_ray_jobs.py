@@ -354,6 +354,8 @@ def test_a_training_error_fails_the_job_with_its_message(api: httpx.Client) -> N
     (trial,) = get(api, f"/v1/jobs/{job_id}/trials")
     assert trial["status"] == "failed"
     assert "CIFAR-10 folder not found" in trial["error"]
+    # The Ray Job's own log, through the API (what `advorch logs` prints), tells the same.
+    assert "CIFAR-10 folder not found" in get(api, f"/v1/jobs/{job_id}/logs")["logs"]
 
 
 def test_a_sweep_survives_the_service_being_killed(service: Service, api: httpx.Client) -> None:
