@@ -7,32 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.models.preact_resnet import PreActBlock
 from workers.models.registry import register_model
 
 
-class WideBlock(nn.Module):
-    """Pre-activation basic block; when the width or stride changes, the shortcut is a 1x1
-    convolution of the activated input."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
-
-
 class WideResNet(nn.Module):
+    """TRADES' WideResNet: its blocks are the pre-activation blocks of PreActResNet (the
+    shortcut of a block that changes width or stride convolves the activated input), wider."""
+
     def __init__(
         self, depth: int, widen_factor: int, num_classes: int = 10, in_channels: int = 3
     ) -> None:
@@ -47,7 +29,7 @@ class WideResNet(nn.Module):
         for stage, planes in enumerate(widths[1:]):
             for block in range(blocks_per_stage):
                 stride = 2 if stage > 0 and block == 0 else 1
-                blocks.append(WideBlock(in_planes, planes, stride))
+                blocks.append(PreActBlock(in_planes, planes, stride))
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_planes)
