@@ -298,6 +298,19 @@ def test_trades_beta_sweep_runs_to_its_results(
     assert clean_accuracy(model, x_test, y_test) == pytest.approx(trial["clean_acc"])
 
 
+def test_a_trial_trains_data_parallel_across_its_workers(api: httpx.Client) -> None:
+    # Two Train workers of half a CPU each: DDP over gloo, each on its shard of the data, with
+    # TRADES's two forward passes before each backward.
+    resources = {"num_workers": 2, "cpus_per_worker": 0.5}
+    job_id = submit(api, trades_spec("ddp", epochs=1, resources=resources))
+
+    job = wait_until_finished(api, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    (trial,) = get(api, f"/v1/jobs/{job_id}/trials")
+    assert trial["status"] == "succeeded" and trial["robust_acc"] is not None
+    assert "world_size=2" in get(api, f"/v1/jobs/{job_id}/logs")["logs"]
+
+
 def test_an_optuna_search_under_asha_stops_the_weak_trial_early(api: httpx.Client) -> None:
     # Seeded (training.seed 0), Optuna proposes beta 6 and then beta 0, one at a time. Beta 0
     # trains for no robustness, so after epoch 1 its robust accuracy is below beta 6's at the
