@@ -28,6 +28,7 @@ from service import jobs
 from service.auth import worker_token
 from service.db import make_engine, make_session_factory
 from service.settings import Settings
+from workers.models import build_model, save_checkpoint
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "ADVORCH_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -200,3 +201,44 @@ def tiny_cifar10_root(tmp_path: Path) -> Path:
         batch = {b"data": images.reshape(size, 3072), b"labels": [i % 10 for i in range(size)]}
         (folder / name).write_bytes(pickle.dumps(batch))
     return tmp_path
+
+
+def play_workers(
+    worker: httpx.Client,
+    job_id: str,
+    results: dict[str, tuple[float, float, float]],
+    *,
+    epochs: int = 2,
+    storage: Path | None = None,
+) -> None:
+    """Post what a job's workers post, through the internal routes: running; for each trial
+    ``key -> (beta, clean acc, robust acc)`` its epochs' validation accuracies rising to those
+    numbers, its results (and, given ``storage``, a real checkpoint there); then succeeded."""
+    worker.post(f"/v1/internal/jobs/{job_id}/events", json={"status": "running", "reason": "up"})
+    for key, (beta, clean, robust) in results.items():
+        for epoch in range(1, epochs + 1):
+            behind = (epochs - epoch) / 10
+            metrics = {
+                "epoch": epoch,
+                "val_clean_acc": clean - behind,
+                "val_robust_acc": robust - behind,
+            }
+            worker.post(f"/v1/internal/jobs/{job_id}/trials/{key}/metrics", json=metrics)
+        checkpoint = None
+        if storage is not None:
+            checkpoint = storage / job_id / key / "best.pt"
+            checkpoint.parent.mkdir(parents=True)
+            meta = {"arch": "small_cnn", "num_classes": 10, "input_shape": (1, 8, 8)}
+            save_checkpoint(checkpoint, build_model("small_cnn", in_channels=1), meta)
+        trial = {
+            "config": {"training.beta": beta},
+            "status": "succeeded",
+            "clean_acc": clean,
+            "robust_acc": robust,
+            "best_epoch": epochs,
+            "checkpoint_uri": str(checkpoint) if checkpoint else None,
+        }
+        worker.put(f"/v1/internal/jobs/{job_id}/trials/{key}", json=trial)
+    worker.post(
+        f"/v1/internal/jobs/{job_id}/events", json={"status": "succeeded", "reason": "done"}
+    )

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import LiveServer
-from workers.models import build_model, load_checkpoint, save_checkpoint
+from tests.conftest import LiveServer, play_workers
+from workers.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_EXAMPLE = ROOT / "examples" / "trades_beta_sweep.yaml"
@@ -45,37 +45,6 @@ def advorch(live_server: LiveServer) -> Callable[..., subprocess.CompletedProces
     return run
 
 
-def finish_trials(
-    worker: httpx.Client, job_id: str, results: dict[str, tuple[float, float, float]], storage: Path
-) -> None:
-    """What a job's workers post: running, each trial's epochs, results and checkpoint, done."""
-    worker.post(f"/v1/internal/jobs/{job_id}/events", json={"status": "running", "reason": "up"})
-    for key, (beta, clean, robust) in results.items():
-        checkpoint = storage / job_id / key / "best.pt"
-        checkpoint.parent.mkdir(parents=True)
-        save_checkpoint(
-            checkpoint,
-            build_model("small_cnn", in_channels=1),
-            {"arch": "small_cnn", "num_classes": 10, "input_shape": (1, 8, 8)},
-        )
-        worker.post(
-            f"/v1/internal/jobs/{job_id}/trials/{key}/metrics",
-            json={"epoch": 1, "val_clean_acc": clean, "val_robust_acc": robust},
-        )
-        body = {
-            "config": {"training.beta": beta},
-            "status": "succeeded",
-            "clean_acc": clean,
-            "robust_acc": robust,
-            "best_epoch": 1,
-            "checkpoint_uri": str(checkpoint),
-        }
-        worker.put(f"/v1/internal/jobs/{job_id}/trials/{key}", json=body)
-    worker.post(
-        f"/v1/internal/jobs/{job_id}/events", json={"status": "succeeded", "reason": "done"}
-    )
-
-
 def test_submit_with_overrides_then_read_everything_back(
     advorch: Callable[..., subprocess.CompletedProcess[str]],
     api: httpx.Client,
@@ -97,11 +66,11 @@ def test_submit_with_overrides_then_read_everything_back(
     assert job["spec"]["training"]["epochs"] == 3  # the override, YAML-typed
     assert job["num_trials"] == 2
 
-    finish_trials(
+    play_workers(
         dispatch(job_id),
         job_id,
         {"trial_0000": (0.0, 0.97, 0.40), "trial_0001": (6.0, 0.95, 0.80)},
-        storage_dir,
+        storage=storage_dir,
     )
 
     listing = advorch("jobs")
@@ -142,7 +111,7 @@ def test_wait_follows_the_job_to_its_end_and_exits_by_its_outcome(
             f"trial_000{i}": (beta, 0.9, 0.5 + i / 10)
             for i, beta in enumerate([0.0, 1.0, 3.0, 6.0])
         }
-        finish_trials(dispatch(job_id), job_id, results, storage_dir)
+        play_workers(dispatch(job_id), job_id, results, storage=storage_dir)
 
     workers = threading.Thread(target=play_the_workers)
     workers.start()

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, play_workers
 
 CHROMIUM = "/usr/bin/chromium"
 # Trial key -> (beta, clean acc, robust acc). beta_1 is dominated: it is not on the front.
@@ -28,27 +28,7 @@ def finished_sweep(
         training={"method": "trades", "epochs": 2},
         sweep={"parameters": {"training.beta": {"grid": [0.0, 1.0, 6.0]}}},
     )["id"]
-    worker = dispatch(job_id)
-    worker.post(f"/v1/internal/jobs/{job_id}/events", json={"status": "running", "reason": "up"})
-    for key, (beta, clean, robust) in RESULTS.items():
-        for epoch in (1, 2):
-            metrics = {
-                "epoch": epoch,
-                "val_clean_acc": clean - 0.1 / epoch,
-                "val_robust_acc": robust - 0.05 / epoch,
-            }
-            worker.post(f"/v1/internal/jobs/{job_id}/trials/{key}/metrics", json=metrics)
-        trial = {
-            "config": {"training.beta": beta},
-            "status": "succeeded",
-            "clean_acc": clean,
-            "robust_acc": robust,
-            "best_epoch": 2,
-        }
-        worker.put(f"/v1/internal/jobs/{job_id}/trials/{key}", json=trial)
-    worker.post(
-        f"/v1/internal/jobs/{job_id}/events", json={"status": "succeeded", "reason": "done"}
-    )
+    play_workers(dispatch(job_id), job_id, RESULTS)
     return job_id
 
 
