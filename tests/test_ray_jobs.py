@@ -311,6 +311,36 @@ def test_a_trial_trains_data_parallel_across_its_workers(api: httpx.Client) -> N
     assert "world_size=2" in get(api, f"/v1/jobs/{job_id}/logs")["logs"]
 
 
+def test_a_lost_worker_resumes_from_its_last_checkpoint(
+    api: httpx.Client, ray_head: LocalRayHead
+) -> None:
+    job_id = submit(api, trades_spec("lose-a-worker", epochs=10))
+    wait_for("three epochs", lambda: epochs_done(api, job_id) >= 3)
+    # Ray Train's controller takes in a checkpoint when it next polls its workers (about every
+    # 2 s): a worker lost before that restarts from the checkpoint before, or from scratch.
+    time.sleep(3)
+    worker_pid = wait_for("the Train worker", lambda: train_worker_pid(ray_head), 30)
+    os.kill(worker_pid, signal.SIGKILL)
+
+    job = wait_until_finished(api, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    (trial,) = get(api, f"/v1/jobs/{job_id}/trials")
+    assert trial["status"] == "succeeded"
+    epochs = get(api, f"/v1/jobs/{job_id}/trials/{trial['key']}/metrics")
+    assert [e["epoch"] for e in epochs] == list(range(1, 11))
+    # FailureConfig restarted the workers, and they went on from a checkpoint, not epoch 1.
+    assert "resuming after epoch" in get(api, f"/v1/jobs/{job_id}/logs")["logs"]
+
+
+def train_worker_pid(head: LocalRayHead) -> int | None:
+    pids = [
+        pid
+        for pid, command in process_tree(head.process.pid).items()
+        if "ray::RayTrainWorker" in command
+    ]
+    return pids[0] if pids else None
+
+
 def test_an_optuna_search_under_asha_stops_the_weak_trial_early(api: httpx.Client) -> None:
     # Seeded (training.seed 0), Optuna proposes beta 6 and then beta 0, one at a time. Beta 0
     # trains for no robustness, so after epoch 1 its robust accuracy is below beta 6's at the

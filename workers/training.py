@@ -241,6 +241,7 @@ def run_training(
     start_epoch, step = 0, 0
     if resume_from is not None:
         start_epoch, step = _resume(Path(resume_from) / STATE_CHECKPOINT, model, optimizer, best)
+        log.warning("resuming after epoch %d from %s", start_epoch, resume_from)
     trained = wrap_model(model) if wrap_model is not None else model
 
     if rank == 0:
