@@ -10,7 +10,7 @@ No attack step reads a value back to the host, so on CUDA the steps queue withou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -107,14 +107,16 @@ def trades_attack(
     with frozen(model):
         with torch.no_grad():
             logits_clean = logits_of(model, x)
-        x_adv = _project(x + TRADES_START_STD * torch.randn_like(x), x, epsilon)
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                loss = kl_divergence(logits_clean, logits_of(model, x_adv), reduction="sum")
-                (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, epsilon)
-    return x_adv
+        start = _project(x + TRADES_START_STD * torch.randn_like(x), x, epsilon)
+        return _signed_ascent(
+            model,
+            lambda logits: kl_divergence(logits_clean, logits, reduction="sum"),
+            x,
+            start,
+            epsilon=epsilon,
+            step_size=step_size,
+            steps=steps,
+        )
 
 
 def _pgd_run(
@@ -127,15 +129,40 @@ def _pgd_run(
     random_start: bool,
 ) -> torch.Tensor:
     if random_start:
-        x_adv = _project(x + torch.empty_like(x).uniform_(-epsilon, epsilon), x, epsilon)
+        start = _project(x + torch.empty_like(x).uniform_(-epsilon, epsilon), x, epsilon)
     else:
-        x_adv = x.clone()
+        start = x.clone()
+    return _signed_ascent(
+        model,
+        lambda logits: F.cross_entropy(logits, y, reduction="sum"),
+        x,
+        start,
+        epsilon=epsilon,
+        step_size=step_size,
+        steps=steps,
+    )
+
+
+def _signed_ascent(
+    model: nn.Module,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+) -> torch.Tensor:
+    """``steps`` of projected signed-gradient ascent on ``loss_of(logits)`` from ``start``, in
+    the L-inf ball of ``epsilon`` around ``x``: the loop every attack here runs.
+
+    Losses are sums, not means: the same sign, and gradients that do not shrink with the batch.
+    """
+    x_adv = start
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():  # attacks work under a caller's no_grad() too
-            # A sum, not a mean: the same sign, and gradients that do not shrink with the batch.
-            loss = F.cross_entropy(logits_of(model, x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            (grad,) = torch.autograd.grad(loss_of(logits_of(model, x_adv)), x_adv)
         x_adv = _project(x_adv.detach() + step_size * grad.sign(), x, epsilon)
     return x_adv
 
