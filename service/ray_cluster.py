@@ -20,12 +20,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ray.job_submission import JobDetails, JobSubmissionClient
 
 from service.settings import Settings
+
+T = TypeVar("T")
 
 HEAD_START_TIMEOUT_S = 90.0
 HEAD_STOP_TIMEOUT_S = 30.0
@@ -211,31 +215,28 @@ class RayJobs:
 
     def info(self, submission_id: str) -> JobDetails | None:
         """The Ray Job's details, or None when the cluster has no such job."""
-        try:
-            return self.client().get_job_info(submission_id)
-        except RuntimeError as err:
-            if "status code 404" in str(err):
-                return None
-            raise
+        return _unless_unknown(lambda: self.client().get_job_info(submission_id))
 
     def stop(self, submission_id: str) -> None:
         """Stop the Ray Job: its driver gets SIGTERM (then SIGKILL), and the Tune trials and
         Train workers it owns die with it. A job that is unknown or over is left as it is."""
-        try:
-            self.client().stop_job(submission_id)
-        except RuntimeError as err:
-            if "status code 404" not in str(err):
-                raise
+        _unless_unknown(lambda: self.client().stop_job(submission_id))
 
     def logs(self, submission_id: str) -> str | None:
         """The Ray Job's log (its driver's output), or None when the cluster has no such job."""
-        try:
-            return self.client().get_job_logs(submission_id)
-        except RuntimeError as err:
-            if "status code 404" in str(err):
-                return None
-            raise
+        return _unless_unknown(lambda: self.client().get_job_logs(submission_id))
 
     def dashboard_url(self, submission_id: str) -> str:
         """The job's page on the Ray dashboard."""
         return f"{self.address}/#/jobs/{submission_id}"
+
+
+def _unless_unknown(call: Callable[[], T]) -> T | None:
+    """``call()``, or None when the cluster has no such job: the Jobs client raises a
+    RuntimeError naming the HTTP status, and 404 is the one that means "unknown job"."""
+    try:
+        return call()
+    except RuntimeError as err:
+        if "status code 404" in str(err):
+            return None
+        raise
