@@ -1,5 +1,6 @@
 """What routes are given: the settings, a database session, the job they name, and the
-caller's credentials checked (the user's API token, or the worker token of that job)."""
+caller's credentials checked: a user's API token (whose user the route is given; a job of
+another user is not found), or the worker token of that job."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from service import jobs
-from service.auth import is_api_token, worker_token_job_id
-from service.models import Job
+from service import jobs, users
+from service.auth import worker_token_job_id
+from service.models import ApiToken, Job, User
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the Ray client is imported only by servers that are given a cluster
@@ -20,7 +21,10 @@ if TYPE_CHECKING:  # the Ray client is imported only by servers that are given a
 
 user_bearer = HTTPBearer(
     scheme_name="APIToken",
-    description="ADVORCH_API_TOKEN, or the token in $ADVORCH_HOME/api_token",
+    description=(
+        "A user's token (POST /v1/users, POST /v1/users/{name}/tokens); the bootstrap admin's "
+        "is ADVORCH_API_TOKEN, or the token in $ADVORCH_HOME/api_token"
+    ),
     auto_error=False,
 )
 worker_bearer = HTTPBearer(
@@ -48,6 +52,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def get_job(job_id: str, session: SessionDep) -> Job:
+    """The job a worker route names (its worker token was checked for that very job)."""
     return jobs.get_job(session, job_id)
 
 
@@ -66,12 +71,44 @@ def get_ray_jobs(request: Request) -> RayJobs:
 RayJobsDep = Annotated["RayJobs", Depends(get_ray_jobs)]
 
 
-def require_user(
-    request: Request, credentials: Annotated[Credentials, Depends(user_bearer)]
-) -> None:
-    api_token: str = request.app.state.api_token
-    if credentials is None or not is_api_token(credentials.credentials, api_token):
+def current_token(
+    session: SessionDep, credentials: Annotated[Credentials, Depends(user_bearer)]
+) -> ApiToken:
+    """The caller's live token, with its user: checked on every request, so a revoked token or
+    a disabled user is refused at once."""
+    if credentials is None:
         raise _unauthorized("an API token is required: Authorization: Bearer <token>")
+    token = users.authenticate(session, credentials.credentials)
+    if token is None:
+        raise _unauthorized("this token is unknown, revoked, or its user is disabled")
+    return token
+
+
+CurrentTokenDep = Annotated[ApiToken, Depends(current_token)]
+
+
+def current_user(token: CurrentTokenDep) -> User:
+    return token.user
+
+
+CurrentUserDep = Annotated[User, Depends(current_user)]
+
+
+def require_admin(user: CurrentUserDep) -> User:
+    if not user.is_admin:
+        raise HTTPException(403, "only admins may do this")
+    return user
+
+
+AdminDep = Annotated[User, Depends(require_admin)]
+
+
+def get_visible_job(job_id: str, session: SessionDep, user: CurrentUserDep) -> Job:
+    """The job a user route names, if the caller may see it: another user's job is a 404."""
+    return jobs.get_job(session, job_id, visible_to=user)
+
+
+VisibleJobDep = Annotated[Job, Depends(get_visible_job)]
 
 
 def require_worker(

@@ -23,6 +23,8 @@ from service.jobs import (
     LogsUnavailable,
     TrialNotFound,
 )
+from service.quotas import QuotaExceeded
+from service.users import AccountConflict, Forbidden, TokenNotFound, UserNotFound
 
 # Stable names for clients to branch on (HTTP's own phrases change between versions).
 ERROR_CODES: dict[int, str] = {
@@ -34,6 +36,7 @@ ERROR_CODES: dict[int, str] = {
     409: "conflict",
     413: "too_large",
     422: "invalid",
+    429: "quota_exceeded",
     500: "internal_error",
     503: "unavailable",
 }
@@ -43,6 +46,11 @@ DOMAIN_ERROR_STATUS: dict[type[Exception], int] = {
     CheckpointUnavailable: 404,
     LogsUnavailable: 404,
     IllegalTransition: 409,
+    UserNotFound: 404,
+    TokenNotFound: 404,
+    AccountConflict: 409,
+    Forbidden: 403,
+    QuotaExceeded: 429,
 }
 
 

@@ -1,7 +1,8 @@
 """The ASGI app: ``uvicorn api.main:app``. It needs no Ray: the dispatcher runs beside it, so
 API replicas scale apart from it.
 
-On start it brings the database to the newest schema and makes sure there is an API token.
+On start it brings the database to the newest schema, makes sure there is an API token, and
+makes it the bootstrap admin's (the user named ``admin``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from fastapi import FastAPI
 from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
 from api.request_metrics import RequestMetrics
-from api.routes import health, internal, jobs, metrics, web
+from api.routes import audit, health, internal, jobs, metrics, users, web
 from service.auth import ensure_api_token
 from service.db import make_engine, make_session_factory, upgrade_database
 from service.settings import Settings, get_settings
+from service.users import ensure_bootstrap_admin
 
 if TYPE_CHECKING:
     from service.ray_cluster import RayJobs
@@ -38,9 +40,10 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upgrade_database(settings.resolved_database_url)
-        app.state.api_token = ensure_api_token(settings)
         engine = make_engine(settings.resolved_database_url)
         app.state.session_factory = make_session_factory(engine)
+        with app.state.session_factory() as session:
+            ensure_bootstrap_admin(session, ensure_api_token(settings))
         yield
         engine.dispose()
 
@@ -59,6 +62,8 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)
+    app.include_router(users.router)
+    app.include_router(audit.router)
     app.include_router(internal.router)
     return app
 

@@ -1,4 +1,5 @@
-"""What the API reads and writes: response models for users, and the reports workers post.
+"""What the API reads and writes: response models for users, the reports workers post, and
+the accounts admins manage.
 
 The job spec itself (the body of ``POST /v1/jobs``) is ``workers.spec.JobSpec``.
 """
@@ -12,7 +13,9 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.jobs import Progress, TradeoffPoint, best_trial, job_progress, tradeoff
-from service.models import Job, JobStatus, TrialStatus
+from service.models import ActorKind, AuditAction, Job, JobStatus, TrialStatus, User
+from service.quotas import user_limits
+from service.settings import Settings
 
 # --- users read ---
 
@@ -29,6 +32,7 @@ class BestTrialPublic(BaseModel):
 class JobPublic(BaseModel):
     id: str
     name: str
+    owner: str = Field(description="The name of the user who submitted it.")
     status: JobStatus
     spec: dict[str, Any] = Field(description="The spec as resolved: defaults filled, as it runs.")
     num_trials: int
@@ -48,6 +52,7 @@ class JobPublic(BaseModel):
         return cls(
             id=job.id,
             name=job.name,
+            owner=job.owner.name,
             status=job.status,
             spec=job.spec,
             num_trials=job.num_trials,
@@ -159,3 +164,103 @@ class EpochMetricsReport(BaseModel):
     lr: float | None = None
     epoch_seconds: float | None = None
     images_per_second: float | None = None
+
+
+# --- accounts: admins manage them, anyone reads their own ---
+
+UserName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: UserName
+    admin: bool = False
+
+
+class Limits(BaseModel):
+    """The limits that apply to a user, an admin's override or the server's setting."""
+
+    max_active_jobs: int = Field(description="Queued, submitted and running jobs at once.")
+    max_trials_per_job: int
+
+
+class LimitOverrides(BaseModel):
+    """A user's own limits, set by an admin; null: the server's setting applies. In a PATCH,
+    only the fields given change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_active_jobs: Annotated[int, Field(ge=0)] | None = None
+    max_trials_per_job: Annotated[int, Field(ge=1)] | None = None
+
+
+class TokenPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description="The token's name (it is in the token: adv_<id>_<secret>).")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewToken(BaseModel):
+    id: str
+    token: str = Field(description="The token itself: shown this once, stored only hashed.")
+    created_at: datetime
+
+
+class UserPublic(BaseModel):
+    name: str
+    admin: bool
+    created_at: datetime
+    disabled_at: datetime | None
+    limits: Limits
+    limit_overrides: LimitOverrides
+    tokens: list[TokenPublic]
+
+    @classmethod
+    def from_user(cls, user: User, settings: Settings) -> UserPublic:
+        limits = user_limits(user, settings)
+        return cls(
+            name=user.name,
+            admin=user.is_admin,
+            created_at=user.created_at,
+            disabled_at=user.disabled_at,
+            limits=Limits(
+                max_active_jobs=limits.max_active_jobs,
+                max_trials_per_job=limits.max_trials_per_job,
+            ),
+            limit_overrides=LimitOverrides(
+                max_active_jobs=user.max_active_jobs,
+                max_trials_per_job=user.max_trials_per_job,
+            ),
+            tokens=[TokenPublic.model_validate(token) for token in user.tokens],
+        )
+
+
+class UserCreated(BaseModel):
+    user: UserPublic
+    token: NewToken
+
+
+class Me(UserPublic):
+    token_id: str = Field(description="The id of the token this request was made with.")
+
+
+class AuditEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    created_at: datetime
+    actor_kind: ActorKind = Field(description="user, or worker (the workers of one job)")
+    actor: str = Field(description="The user's name, or the worker's job id.")
+    action: AuditAction
+    target: str = Field(description="What it was done to: a job id, a user's name, a token id.")
+    detail: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditEventPublic]
+    total: int
+    limit: int
+    offset: int

@@ -1,4 +1,5 @@
-"""The two kinds of credentials: the user's API token and the job-scoped worker tokens.
+"""The service's secrets: the bootstrap admin's API token, and the job-scoped worker tokens.
+(Users' own tokens, and how every user token is checked, are in ``service.users``.)
 
 A worker token is ``<job id>.<HMAC-SHA256 of the job id under the server secret>``: the
 dispatcher derives it when it submits a job and hands it to the job's workers; nothing stores
@@ -21,8 +22,8 @@ from service.settings import Settings
 
 
 def ensure_api_token(settings: Settings) -> str:
-    """The user API token: ADVORCH_API_TOKEN, or the one kept in ``$ADVORCH_HOME/api_token``,
-    generated (and printed, this once) when there is none yet."""
+    """The bootstrap admin's API token: ADVORCH_API_TOKEN, or the one kept in
+    ``$ADVORCH_HOME/api_token``, generated (and printed, this once) when there is none yet."""
     if settings.api_token is not None:
         return settings.api_token.get_secret_value()
     token, created = _read_or_create_secret(settings.api_token_file)
@@ -33,10 +34,6 @@ def ensure_api_token(settings: Settings) -> str:
             flush=True,
         )
     return token
-
-
-def is_api_token(presented: str, api_token: str) -> bool:
-    return hmac.compare_digest(presented.encode(), api_token.encode())
 
 
 def worker_token(settings: Settings, job_id: str) -> str:

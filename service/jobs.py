@@ -33,8 +33,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 
+from service.audit import Actor, audit_event
 from service.metrics import DISPATCH_LATENCY, EPOCH_METRICS_POSTED
-from service.models import Job, JobEvent, JobStatus, Trial, TrialMetric, TrialStatus, utcnow
+from service.models import (
+    AuditAction,
+    Job,
+    JobEvent,
+    JobPriority,
+    JobStatus,
+    Trial,
+    TrialMetric,
+    TrialStatus,
+    User,
+    new_job_id,
+    utcnow,
+)
+from service.quotas import check_submission
 from service.settings import Settings
 from workers.spec import JobSpec, field_error
 
@@ -110,17 +124,25 @@ class TradeoffPoint:
 # --- submitting and reading jobs (the user routes) ---
 
 
-def create_job(session: Session, spec: JobSpec, settings: Settings) -> Job:
-    """Queue a validated spec, stored resolved (defaults filled), with its trial count."""
+def create_job(session: Session, spec: JobSpec, settings: Settings, *, owner: User) -> Job:
+    """Queue a validated spec for ``owner``, stored resolved (defaults filled), with its trial
+    count. Raises ValidationError over the server's limits, and Forbidden or QuotaExceeded
+    over the owner's (service.quotas)."""
     check_limits(spec, settings)
+    check_submission(session, owner, spec, settings)
     job = Job(
+        id=new_job_id(),
         name=spec.name,
         status=JobStatus.QUEUED,
         spec=spec.model_dump(mode="json"),
         num_trials=spec.num_trials(),
+        owner=owner,
+        priority=JobPriority(spec.priority),
     )
     session.add(job)
     session.add(JobEvent(job=job, from_status=None, to_status=JobStatus.QUEUED, reason="submitted"))
+    detail = f"{spec.name}, {job.num_trials} trials, priority {spec.priority}"
+    session.add(audit_event(Actor.of_user(owner), AuditAction.JOB_SUBMIT, job.id, detail))
     session.commit()
     return job
 
@@ -156,31 +178,53 @@ def _over_limit(limit: int, setting: str) -> str:
     return f"at most {limit} allowed on this server ({setting})"
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, *, visible_to: User | None = None) -> Job:
+    """The job ``job_id``. With ``visible_to``, only if that user may see it (their own job,
+    or any for an admin): another user's job is as unknown as one that does not exist, so job
+    ids cannot be probed."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (
+        visible_to is not None and not visible_to.is_admin and job.owner_id != visible_to.id
+    ):
         raise JobNotFound(f"no job {job_id!r}")
     return job
 
 
 def list_jobs(
-    session: Session, *, status: JobStatus | None, limit: int, offset: int
+    session: Session,
+    *,
+    status: JobStatus | None,
+    limit: int,
+    offset: int,
+    owner_id: int | None = None,
 ) -> tuple[list[Job], int]:
-    """One page of jobs, newest first, and how many match in all."""
+    """One page of jobs (of one owner, given ``owner_id``), newest first, and how many match
+    in all."""
     query = select(Job)
     if status is not None:
         query = query.where(Job.status == status)
+    if owner_id is not None:
+        query = query.where(Job.owner_id == owner_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = query.options(selectinload(Job.trials)).order_by(Job.created_at.desc(), Job.id.desc())
+    page = query.options(selectinload(Job.trials), selectinload(Job.owner)).order_by(
+        Job.created_at.desc(), Job.id.desc()
+    )
     return list(session.scalars(page.limit(limit).offset(offset))), total
 
 
-def cancel_job(session: Session, job: Job, *, reason: str = "cancelled by user") -> Job:
-    """Cancel at once. A job already on Ray is flagged for the dispatcher to stop there.
-    Raises IllegalTransition when the job has finished."""
+def cancel_job(
+    session: Session, job: Job, *, by: User | None = None, reason: str | None = None
+) -> Job:
+    """Cancel at once, by user ``by`` (whom the reason names and the audit trail records). A
+    job already on Ray is flagged for the dispatcher to stop there. Raises IllegalTransition
+    when the job has finished."""
+    if reason is None:
+        reason = f"cancelled by {by.name}" if by is not None else "cancelled by user"
     for _ in range(MAX_CONFLICT_RETRIES):
         _ensure_allowed(job, JobStatus.CANCELLED)
         job.ray_cleanup_pending = job.ray_submission_id is not None
+        if by is not None:  # added again on each try: a lost race rolls it back
+            session.add(audit_event(Actor.of_user(by), AuditAction.JOB_CANCEL, job.id, reason))
         try:
             return transition(session, job, JobStatus.CANCELLED, reason=reason)
         except ConcurrentUpdate:
@@ -380,10 +424,13 @@ def record_job_event(
 ) -> Job:
     """A worker's report of the job's status: the status it already has is a no-op (no second
     event), an illegal one raises IllegalTransition. A change that loses a race with another
-    writer is decided again on the reloaded job."""
+    writer is decided again on the reloaded job. The audit trail records the job's worker."""
     for _ in range(MAX_CONFLICT_RETRIES):
         if job.status == to:
             return job
+        _ensure_allowed(job, to)
+        detail = f"{job.status} -> {to}: {reason}"
+        session.add(audit_event(Actor.of_worker(job.id), AuditAction.JOB_REPORT, job.id, detail))
         try:
             return transition(session, job, to, reason=reason, error=error)
         except ConcurrentUpdate:

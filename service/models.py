@@ -1,5 +1,6 @@
 """The database tables, as typed SQLAlchemy 2 models: jobs, their trials, each trial's
-per-epoch metrics, and the audit trail of every job status change.
+per-epoch metrics, and the audit trail of every job status change; the users jobs belong to,
+their API tokens (hashed), and the audit trail of who did what.
 
 The migrations in ``migrations/versions`` create exactly these tables; a test compares them.
 """
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -45,6 +47,31 @@ class TrialStatus(StrEnum):
     STOPPED = "stopped"  # ended early by the scheduler (ASHA)
 
 
+class JobPriority(StrEnum):
+    """The spec's ``priority``: the dispatcher serves every queued high job before any normal
+    one, and normal before low; only admins may submit high."""
+
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+
+class AuditAction(StrEnum):
+    JOB_SUBMIT = "job.submit"
+    JOB_CANCEL = "job.cancel"
+    JOB_REPORT = "job.report"  # a job's worker reported a status change
+    USER_CREATE = "user.create"
+    USER_DISABLE = "user.disable"
+    USER_LIMITS = "user.limits"  # an admin changed a user's limit overrides
+    TOKEN_ISSUE = "token.issue"
+    TOKEN_REVOKE = "token.revoke"
+
+
+class ActorKind(StrEnum):
+    USER = "user"
+    WORKER = "worker"  # the workers of one job, holding its worker token
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -70,8 +97,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def status_column(enum: type[StrEnum]) -> Enum:
-    """A status stored as its value in a VARCHAR, on every backend (no native ENUM type, so
-    adding a status later is a code change, not a schema one)."""
+    """A status (or any other small enum) stored as its value in a VARCHAR, on every backend
+    (no native ENUM type, so adding a value later is a code change, not a schema one)."""
     return Enum(
         enum,
         native_enum=False,
@@ -97,12 +124,68 @@ class Base(DeclarativeBase):
     }
 
 
+class User(Base):
+    """Someone who holds API tokens. Users are disabled, never deleted: their jobs stay."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    disabled_at: Mapped[datetime | None]
+    # An admin's overrides of the server-wide limits (None: the setting applies).
+    max_active_jobs: Mapped[int | None]
+    max_trials_per_job: Mapped[int | None]
+
+    tokens: Mapped[list[ApiToken]] = relationship(
+        back_populates="user", order_by="ApiToken.created_at"
+    )
+
+
+class ApiToken(Base):
+    """One of a user's tokens, stored only as its SHA-256: the token itself is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    # The short id the token carries in clear (adv_<id>_<secret>), to name it when revoking.
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class AuditEvent(Base):
+    """Who (a user, or the workers of a job) changed what, and when. Rows are only added."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index(None, "actor_kind", "actor"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor_kind: Mapped[ActorKind] = mapped_column(status_column(ActorKind))
+    # A user's name, or the job id of a worker.
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[AuditAction] = mapped_column(status_column(AuditAction))
+    # What it was done to: a job id, a user's name, or a token id.
+    target: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[JobStatus] = mapped_column(status_column(JobStatus), index=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    # The spec's priority, kept in a column too: the dispatcher orders queued jobs by it.
+    priority: Mapped[JobPriority] = mapped_column(
+        status_column(JobPriority), default=JobPriority.NORMAL, server_default="normal"
+    )
     # The resolved spec (JobSpec.model_dump(mode="json")): exactly what runs.
     spec: Mapped[dict[str, Any]]
     num_trials: Mapped[int]
@@ -120,6 +203,7 @@ class Job(Base):
     # replica cancelling, the dispatcher submitting) can never both win a status change.
     version: Mapped[int] = mapped_column(Integer)
 
+    owner: Mapped[User] = relationship()
     trials: Mapped[list[Trial]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Trial.id"
     )

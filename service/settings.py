@@ -6,6 +6,7 @@ The embedded default needs none of them: a SQLite file, checkpoints and data und
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,7 +22,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # None: `advorch serve` starts a local Ray head. Otherwise the address of a cluster.
     ray_address: str | None = None
-    # None: a token is generated at first start and kept in home/api_token (mode 0600).
+    # The bootstrap admin's token (the user named "admin"). None: a token is generated at first
+    # start and kept in home/api_token (mode 0600).
     api_token: SecretStr | None = None
     # The server secret that job-scoped worker tokens are derived from (HMAC); None: generated
     # at first start and kept in home/secret_key (mode 0600).
@@ -34,6 +36,9 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     # Where checkpoints go (a folder, or shared storage on a cluster); None: home/storage
     storage_uri: str | None = None
+    # The CLI's own file (`advorch login` writes the service's URL and the user's token there);
+    # None: $XDG_CONFIG_HOME/advorch/config.toml, or ~/.config/advorch/config.toml.
+    config_file: Path | None = None
 
     # Limits that protect the cluster; a spec above them is refused with 422.
     max_epochs: int = 500
@@ -41,6 +46,13 @@ class Settings(BaseSettings):
     max_workers: int = 16
     max_batch_size: int = 4096
     max_request_bytes: int = 1_000_000
+
+    # Sharing the cluster: how many jobs the dispatcher keeps on Ray at once (the rest wait,
+    # queued, in the database), and each user's limits, which an admin may override per user.
+    # Going over a user's limit is a 429 naming it.
+    max_running_jobs: int = Field(default=8, ge=1)
+    user_max_active_jobs: int = Field(default=50, ge=0)  # queued, submitted and running
+    user_max_trials_per_job: int = Field(default=64, ge=1)
 
     # How often the dispatcher looks for queued jobs and the reconciler compares DB and Ray.
     dispatch_interval_s: float = 1.0
@@ -61,6 +73,14 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_uri(self) -> str:
         return self.storage_uri or str(self.home / "storage")
+
+    @property
+    def resolved_config_file(self) -> Path:
+        if self.config_file is not None:
+            return self.config_file
+        xdg_config_home = os.environ.get("XDG_CONFIG_HOME")
+        base = Path(xdg_config_home) if xdg_config_home else Path.home() / ".config"
+        return base / "advorch" / "config.toml"
 
     @property
     def api_token_file(self) -> Path:

@@ -2,6 +2,9 @@
 database backend: SQLite in a temporary folder, and PostgreSQL at 127.0.0.1:5432 in a database
 made for this session and dropped after it. When PostgreSQL is down its tests fail, not skip:
 ``.ci/run`` starts it.
+
+``api`` is the bootstrap admin (the server's own token); ``make_user`` makes other users, each
+with a name of its own, since the live server is shared by the whole session.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,8 @@ TEST_LIMITS: dict[str, Any] = {
     "max_workers": 4,
     "max_batch_size": 512,
     "max_request_bytes": 64_000,
+    # The bootstrap admin submits many jobs over a session and never finishes most of them.
+    "user_max_active_jobs": 10_000,
 }
 
 
@@ -87,20 +93,9 @@ class LiveServer:
         return self.settings.api_token_file.read_text().strip()
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def live_server(
-    request: pytest.FixtureRequest,
-    make_database_url: Callable[[str], str],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[LiveServer]:
-    """``create_app(settings)`` served by uvicorn on a free port, one per backend."""
-    settings = Settings(
-        home=tmp_path_factory.mktemp(f"home-{request.param}"),
-        database_url=make_database_url(request.param),
-        api_token=None,
-        secret_key=None,
-        **TEST_LIMITS,
-    )
+@contextmanager
+def serve(settings: Settings) -> Iterator[LiveServer]:
+    """``create_app(settings)`` served by uvicorn on a free port, until the block ends."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     host, port = sock.getsockname()
@@ -112,18 +107,94 @@ def live_server(
         if not thread.is_alive():
             raise RuntimeError("the test server did not start; its log is above")
         time.sleep(0.02)
-    yield LiveServer(url=f"http://{host}:{port}", settings=settings)
-    server.should_exit = True
-    thread.join()
-    sock.close()
+    try:
+        yield LiveServer(url=f"http://{host}:{port}", settings=settings)
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+
+def server_settings(home: Path, database_url: str, **overrides: Any) -> Settings:
+    """The settings of a test server: its own home and database, the test limits."""
+    return Settings(
+        home=home,
+        database_url=database_url,
+        api_token=None,
+        secret_key=None,
+        config_file=home / "cli-config.toml",
+        **(TEST_LIMITS | overrides),
+    )
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def live_server(
+    request: pytest.FixtureRequest,
+    make_database_url: Callable[[str], str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    """The live server of the session, one per backend."""
+    home = tmp_path_factory.mktemp(f"home-{request.param}")
+    with serve(server_settings(home, make_database_url(request.param))) as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_server(
+    request: pytest.FixtureRequest,
+    make_database_url: Callable[[str], str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveServer]:
+    """A live server of its own, on an empty database, for a test that needs to know every job
+    and user there is (the dispatcher's order, the last admin)."""
+    home = tmp_path_factory.mktemp(f"fresh-home-{request.param}")
+    with serve(server_settings(home, make_database_url(request.param))) as server:
+        yield server
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture(scope="session")
 def api(live_server: LiveServer) -> Iterator[httpx.Client]:
-    """An HTTP client of the live server with the user's API token."""
-    headers = {"Authorization": f"Bearer {live_server.api_token}"}
-    with httpx.Client(base_url=live_server.url, headers=headers) as client:
+    """An HTTP client of the live server with the bootstrap admin's API token."""
+    with httpx.Client(base_url=live_server.url, headers=bearer(live_server.api_token)) as client:
         yield client
+
+
+@dataclass
+class UserClient:
+    """A user made through the admin routes, and an HTTP client holding their first token."""
+
+    name: str
+    token: str
+    token_id: str
+    http: httpx.Client
+
+
+def new_user(admin_client: httpx.Client, prefix: str, *, admin: bool = False) -> UserClient:
+    """Create a user named ``prefix-<random>`` through ``admin_client`` (an admin's)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    response = admin_client.post("/v1/users", json={"name": name, "admin": admin})
+    assert response.status_code == 201, response.text
+    token = response.json()["token"]
+    http = httpx.Client(base_url=str(admin_client.base_url), headers=bearer(token["token"]))
+    return UserClient(name=name, token=token["token"], token_id=token["id"], http=http)
+
+
+@pytest.fixture
+def make_user(api: httpx.Client) -> Iterator[Callable[..., UserClient]]:
+    """Make users of the live server: ``make_user("alice")``, ``make_user("ops", admin=True)``."""
+    made: list[UserClient] = []
+
+    def make(prefix: str, *, admin: bool = False) -> UserClient:
+        made.append(new_user(api, prefix, admin=admin))
+        return made[-1]
+
+    yield make
+    for user in made:
+        user.http.close()
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from service.models import JobEvent, JobStatus
 from service.ray_cluster import LocalRayHead, RayJobs, start_local_head
 from service.reconciler import reconcile
 from service.settings import Settings
+from service.users import BOOTSTRAP_ADMIN, get_user
 from workers.data import load_dataset
 from workers.evaluate import clean_accuracy
 from workers.models import load_checkpoint
@@ -471,8 +472,9 @@ def test_the_reconciler_gives_jobs_their_ray_outcome(ray_jobs: RayJobs, tmp_path
     }
     job_ids, submission_ids = {}, {}
     with session_factory() as session:
+        admin = get_user(session, BOOTSTRAP_ADMIN)  # made by the migrations
         for name, entrypoint in entrypoints.items():
-            job = jobs.create_job(session, JobSpec(name=name), settings)
+            job = jobs.create_job(session, JobSpec(name=name), settings, owner=admin)
             job_ids[name], submission_ids[name] = job.id, f"advorch-test-{job.id}"
             if entrypoint is not None:
                 ray_jobs.submit(submission_ids[name], entrypoint, {})

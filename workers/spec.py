@@ -193,6 +193,10 @@ class JobSpec(StrictModel):
     evaluation: EvaluationSpec = EvaluationSpec()
     sweep: SweepSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    # The dispatcher's order: every queued high job before normal ones, normal before low; among
+    # jobs of one priority, the user with the fewest jobs on Ray goes first. Only admins may
+    # submit high (the service checks that: a spec knows no users).
+    priority: Literal["low", "normal", "high"] = "normal"
 
     @model_validator(mode="after")
     def _resolve_and_check_sweep(self) -> JobSpec:

@@ -1,4 +1,5 @@
-"""The user routes: submit jobs and read back everything about them."""
+"""The user routes: submit jobs and read back everything about them. A user sees and acts on
+their own jobs only (another user's is a 404, as if it did not exist); an admin on every job."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.responses import FileResponse
 
-from api.deps import JobDep, RayJobsDep, SessionDep, SettingsDep, require_user
+from api.deps import (
+    CurrentUserDep,
+    RayJobsDep,
+    SessionDep,
+    SettingsDep,
+    VisibleJobDep,
+    current_user,
+)
 from api.errors import error_responses
 from api.schemas import (
     EpochMetricsPublic,
@@ -19,62 +27,70 @@ from api.schemas import (
     TrialKey,
     TrialPublic,
 )
-from service import jobs
+from service import jobs, users
 from service.models import JobStatus
 from workers.spec import JobSpec
 
 router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
-    dependencies=[Depends(require_user)],
-    responses=error_responses(401, 404, 409, 413, 422),
+    dependencies=[Depends(current_user)],
+    responses=error_responses(401, 403, 404, 409, 413, 422, 429),
 )
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def submit_job(spec: JobSpec, session: SessionDep, settings: SettingsDep) -> JobPublic:
-    """Queue a job; the response holds the spec as resolved (defaults filled)."""
-    return JobPublic.from_job(jobs.create_job(session, spec, settings))
+def submit_job(
+    spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUserDep
+) -> JobPublic:
+    """Queue a job of the caller's; the response holds the spec as resolved (defaults filled).
+    Over one of the caller's limits it is 429, naming the limit; priority high is for admins."""
+    return JobPublic.from_job(jobs.create_job(session, spec, settings, owner=user))
 
 
 @router.get("")
 def list_jobs(
     session: SessionDep,
+    user: CurrentUserDep,
     status: JobStatus | None = None,
+    owner: Annotated[str | None, Query(description="Admins: only this user's jobs.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobPage:
-    """Jobs, newest first, optionally of one status."""
-    page, total = jobs.list_jobs(session, status=status, limit=limit, offset=offset)
+    """Jobs, newest first, optionally of one status: the caller's own, or an admin's pick."""
+    owner_id = users.owner_filter(session, user, owner)
+    page, total = jobs.list_jobs(
+        session, status=status, limit=limit, offset=offset, owner_id=owner_id
+    )
     items = [JobPublic.from_job(job) for job in page]
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}")
-def read_job(job: JobDep) -> JobPublic:
+def read_job(job: VisibleJobDep) -> JobPublic:
     return JobPublic.from_job(job)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_job(job: JobDep, session: SessionDep) -> JobPublic:
+def cancel_job(job: VisibleJobDep, session: SessionDep, user: CurrentUserDep) -> JobPublic:
     """Cancel a job that has not finished; it is stopped on Ray in the background."""
-    return JobPublic.from_job(jobs.cancel_job(session, job))
+    return JobPublic.from_job(jobs.cancel_job(session, job, by=user))
 
 
 @router.get("/{job_id}/events")
-def list_job_events(job: JobDep) -> list[JobEventPublic]:
+def list_job_events(job: VisibleJobDep) -> list[JobEventPublic]:
     """Every status change of the job, with its time and reason, oldest first."""
     return [JobEventPublic.model_validate(event) for event in job.events]
 
 
 @router.get("/{job_id}/trials")
-def list_trials(job: JobDep) -> list[TrialPublic]:
+def list_trials(job: VisibleJobDep) -> list[TrialPublic]:
     return [TrialPublic.model_validate(trial) for trial in job.trials]
 
 
 @router.get("/{job_id}/trials/{trial_key}/metrics")
 def list_trial_metrics(
-    job: JobDep, trial_key: TrialKey, session: SessionDep
+    job: VisibleJobDep, trial_key: TrialKey, session: SessionDep
 ) -> list[EpochMetricsPublic]:
     """The trial's metrics, one entry per epoch, in order."""
     trial = jobs.get_trial(session, job, trial_key)
@@ -87,7 +103,7 @@ def list_trial_metrics(
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def download_checkpoint(
-    job: JobDep, trial_key: TrialKey, session: SessionDep, settings: SettingsDep
+    job: VisibleJobDep, trial_key: TrialKey, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
     """The trial's best checkpoint, loadable by ``workers.models.load_checkpoint``."""
     path = jobs.checkpoint_path(jobs.get_trial(session, job, trial_key), settings)
@@ -95,12 +111,12 @@ def download_checkpoint(
 
 
 @router.get("/{job_id}/logs")
-def read_job_logs(job: JobDep, ray_jobs: RayJobsDep) -> JobLogs:
+def read_job_logs(job: VisibleJobDep, ray_jobs: RayJobsDep) -> JobLogs:
     """The job's Ray Job log: its driver's output, the Tune progress and any error."""
     return JobLogs(logs=jobs.ray_logs(job, ray_jobs.logs))
 
 
 @router.get("/{job_id}/tradeoff")
-def read_tradeoff(job: JobDep) -> TradeoffPublic:
+def read_tradeoff(job: VisibleJobDep) -> TradeoffPublic:
     """Clean against robust accuracy of every finished trial, with the Pareto front."""
     return TradeoffPublic.from_job(job)
