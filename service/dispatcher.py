@@ -3,9 +3,11 @@
 Each round (every ``dispatch_interval_s``, from ``advorch serve``):
 
 - each job a user cancelled after it was submitted is stopped on Ray;
-- each queued job, oldest first, is submitted as the Ray Job ``advorch-<job id>`` running
-  ``python -m workers.entrypoint`` with the job's ``JobEnv`` (its id, the service's URL, its
-  worker token, its spec, where checkpoints and data are), then marked ``submitted``.
+- while fewer than ``max_running_jobs`` jobs are on Ray (submitted or running), the next queued
+  job (:func:`next_job`: by priority, then fairly between users, then oldest first) is submitted
+  as the Ray Job ``advorch-<job id>`` running ``python -m workers.entrypoint`` with the job's
+  ``JobEnv`` (its id, the service's URL, its worker token, its spec, where checkpoints and data
+  are), then marked ``submitted``. The others wait, queued, for a later round.
 
 The Ray submission id is the job's, so a dispatcher that dies between submitting and marking
 starts nothing twice: the next round finds the Ray Job there and only marks the job.
@@ -15,13 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs
 from service.auth import worker_token
-from service.models import Job, JobStatus
+from service.models import Job, JobPriority, JobStatus
 from service.ray_cluster import RayJobs
 from service.settings import Settings
 from workers.job_env import JobEnv
@@ -29,6 +33,11 @@ from workers.job_env import JobEnv
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = "python -m workers.entrypoint"
+PRIORITY_RANK: dict[JobPriority, int] = {
+    JobPriority.HIGH: 0,
+    JobPriority.NORMAL: 1,
+    JobPriority.LOW: 2,
+}
 
 
 def ray_submission_id(job_id: str) -> str:
@@ -36,12 +45,37 @@ def ray_submission_id(job_id: str) -> str:
 
 
 def dispatch(session_factory: sessionmaker[Session], ray_jobs: RayJobs, settings: Settings) -> None:
-    """One round: stop what was cancelled, submit what is queued."""
+    """One round: stop what was cancelled, then submit queued jobs while there is room."""
     with session_factory() as session:
         for job in jobs.jobs_pending_ray_cleanup(session):
             stop_on_ray(session, ray_jobs, job)
-        for job in jobs.jobs_in_status(session, JobStatus.QUEUED):
+        on_ray = jobs.jobs_in_status(session, JobStatus.SUBMITTED, JobStatus.RUNNING)
+        on_ray_per_owner = Counter(job.owner_id for job in on_ray)
+        room = settings.max_running_jobs - len(on_ray)
+        queued = jobs.jobs_in_status(session, JobStatus.QUEUED)
+        while room > 0 and queued:
+            job = next_job(queued, on_ray_per_owner)
+            queued.remove(job)
             submit(session, ray_jobs, settings, job)
+            if job.status == JobStatus.SUBMITTED:  # not refused by Ray, nor cancelled meanwhile
+                on_ray_per_owner[job.owner_id] += 1
+                room -= 1
+
+
+def next_job(queued: Sequence[Job], on_ray_per_owner: Mapping[int, int]) -> Job:
+    """The queued job to submit next: the highest priority first; among jobs of one priority,
+    the oldest job of the user with the fewest jobs on Ray (whatever their priorities), so one
+    user's burst never starves another user's single job; then the oldest. Priority comes
+    before fairness because only admins may ask for high, and low is a user's own choice."""
+    return min(
+        queued,
+        key=lambda job: (
+            PRIORITY_RANK[job.priority],
+            on_ray_per_owner.get(job.owner_id, 0),
+            job.created_at,
+            job.id,
+        ),
+    )
 
 
 def submit(session: Session, ray_jobs: RayJobs, settings: Settings, job: Job) -> None:
