@@ -1,12 +1,14 @@
 """The ``advorch`` command.
 
     advorch serve | db upgrade                    run the service (server side)
+    advorch login | logout | whoami               keep the user's token for the CLI
     advorch submit | jobs | status | cancel |     the user's commands: REST calls to the
       logs | results | tradeoff | checkpoint      service, through service.client
+    advorch users ... | audit                     admins: accounts, tokens, the audit trail
 
 One Typer app; each command is a small function. The user's commands find the service and
-the token from the same settings and token file as the server, and print an API error as one
-line, never a traceback.
+the token as service.client says (the environment, the file `advorch login` writes, the
+server's own token file), and print an API error as one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from service.client import AdvorchClient, ApiError
+from service.client import AdvorchClient, ApiError, CliConfig, write_cli_config
 from service.settings import get_settings
 
 app = typer.Typer(
@@ -31,6 +33,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The service's database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(help="Admins: users and their tokens.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
 
 
 @app.command()
@@ -129,12 +133,13 @@ def submit(
 @app.command()
 def jobs(
     status: Annotated[str | None, typer.Option(help="Only jobs of this status.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Admins: only this user's jobs.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
 ) -> None:
-    """The most recent jobs, newest first."""
+    """The most recent jobs, newest first: yours (an admin's: everyone's)."""
     with _client() as client:
-        page = client.list_jobs(status=status, limit=limit)
-    table = Table("id", "name", "status", "trials", "best robust", "created")
+        page = client.list_jobs(status=status, owner=owner, limit=limit)
+    table = Table("id", "name", "owner", "status", "trials", "best robust", "created")
     table.columns[0].no_wrap = True  # whole, to copy into the other commands
     for job in page["items"]:
         best = job["best_trial"] or {}
@@ -142,6 +147,7 @@ def jobs(
         table.add_row(
             job["id"],
             job["name"],
+            job["owner"],
             job["status"],
             f"{progress['trials_done']}/{progress['trials_total']}",
             _pct(best.get("robust_acc")),
@@ -243,6 +249,182 @@ def checkpoint(
     with _client() as client:
         client.download_checkpoint(job_id, trial_key, output)
     console.print(f"checkpoint of {job_id}/{trial_key} written to {output}")
+
+
+# --- who is calling ---
+
+
+@app.command()
+def login(
+    url: Annotated[
+        str | None,
+        typer.Option(help="The service's URL [default: ADVORCH_PUBLIC_URL, or HOST:PORT's]."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(help="The token; better left out, to be asked for without echo."),
+    ] = None,
+) -> None:
+    """Check a token with the service and keep it, with the URL, in the CLI's config file
+    (mode 0600), for every later command."""
+    settings = get_settings()
+    url = url or settings.resolved_public_url
+    if token is None:
+        token = str(typer.prompt("API token", hide_input=True)).strip()
+    with AdvorchClient(url, token) as client:
+        me = client.me()
+    path = settings.resolved_config_file
+    write_cli_config(path, CliConfig(url=url, token=token))
+    console.print(f"logged in to {url} as {_user_text(me)}; the token is kept in {path}")
+
+
+@app.command()
+def logout() -> None:
+    """Forget the token `advorch login` kept."""
+    path = get_settings().resolved_config_file
+    path.unlink(missing_ok=True)
+    console.print(f"removed {path}")
+
+
+@app.command()
+def whoami() -> None:
+    """The user your token belongs to, and your limits."""
+    with _client() as client:
+        me = client.me()
+    limits = me["limits"]
+    console.print(
+        f"{_user_text(me)} (token {me['token_id']}); at most {limits['max_active_jobs']} "
+        f"queued or running jobs, {limits['max_trials_per_job']} trials per job"
+    )
+
+
+def _user_text(user: dict[str, Any]) -> str:
+    return user["name"] + (" (admin)" if user["admin"] else "")
+
+
+# --- admins: users, tokens and the audit trail ---
+
+
+@users_app.command("add")
+def users_add(
+    name: str, admin: Annotated[bool, typer.Option(help="Make the user an admin.")] = False
+) -> None:
+    """Create a user; the last line of the output is their token alone (shown this once)."""
+    with _client() as client:
+        created = client.create_user(name, admin=admin)
+    console.print(f"created user {_user_text(created['user'])}; their token, shown this once:")
+    typer.echo(created["token"]["token"])
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every user: admin or not, disabled or not, their live tokens and their limits."""
+    with _client() as client:
+        all_users = client.list_users()
+    table = Table("name", "admin", "created", "disabled", "tokens", "max jobs", "max trials/job")
+    for user in all_users:
+        limits, overrides = user["limits"], user["limit_overrides"]
+        live_tokens = [t["id"] for t in user["tokens"] if t["revoked_at"] is None]
+        table.add_row(
+            user["name"],
+            "yes" if user["admin"] else "",
+            user["created_at"][:16].replace("T", " "),
+            (user["disabled_at"] or "")[:16].replace("T", " "),
+            ", ".join(live_tokens) or "-",
+            _limit_text(limits, overrides, "max_active_jobs"),
+            _limit_text(limits, overrides, "max_trials_per_job"),
+        )
+    console.print(table)
+    console.print("*: the user's own limit, set by an admin (`advorch users limits`)")
+
+
+def _limit_text(limits: dict[str, int], overrides: dict[str, int | None], name: str) -> str:
+    return f"{limits[name]}{'*' if overrides[name] is not None else ''}"
+
+
+@users_app.command("disable")
+def users_disable(name: str) -> None:
+    """Disable a user: their tokens stop working at once; their jobs and results stay."""
+    with _client() as client:
+        client.disable_user(name)
+    console.print(f"user {name} is disabled")
+
+
+@users_app.command("token")
+def users_token(name: str) -> None:
+    """Issue another token to a user; the last line of the output is the token alone."""
+    with _client() as client:
+        issued = client.issue_token(name)
+    console.print(f"a new token for {name}, id {issued['id']}, shown this once:")
+    typer.echo(issued["token"])
+
+
+@users_app.command("revoke")
+def users_revoke(name: str, token_id: str) -> None:
+    """Revoke one of a user's tokens (its id is in `advorch users list`); it stops at once."""
+    with _client() as client:
+        client.revoke_token(name, token_id)
+    console.print(f"token {token_id} of {name} is revoked")
+
+
+def _limit_option(text: str | None) -> int | None:
+    if text is None or text == "default":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a whole number, or 'default'") from None
+
+
+@users_app.command("limits")
+def users_limits(
+    name: str,
+    max_active_jobs: Annotated[
+        str | None, typer.Option(help="Queued plus running jobs at once; 'default': the server's.")
+    ] = None,
+    max_trials_per_job: Annotated[
+        str | None, typer.Option(help="Trials per job; 'default': the server's.")
+    ] = None,
+) -> None:
+    """Give a user limits of their own (the options given change; 'default' clears one)."""
+    overrides = {
+        limit: _limit_option(value)
+        for limit, value in [
+            ("max_active_jobs", max_active_jobs),
+            ("max_trials_per_job", max_trials_per_job),
+        ]
+        if value is not None
+    }
+    with _client() as client:
+        user = client.set_limits(name, overrides)
+    limits = user["limits"]
+    console.print(
+        f"{name}: at most {limits['max_active_jobs']} queued or running jobs, "
+        f"{limits['max_trials_per_job']} trials per job"
+    )
+
+
+@app.command()
+def audit(
+    actor: Annotated[str | None, typer.Option(help="Only this user's (or job's) doing.")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. job.cancel.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 50,
+) -> None:
+    """Admins: the audit trail, newest first: who did what, and when."""
+    with _client() as client:
+        page = client.audit(actor=actor, action=action, limit=limit)
+    table = Table("when", "who", "action", "target", "detail")
+    for event in page["items"]:
+        who = event["actor"] if event["actor_kind"] == "user" else f"worker of {event['actor']}"
+        table.add_row(
+            event["created_at"][:19].replace("T", " "),
+            who,
+            event["action"],
+            event["target"],
+            event["detail"],
+        )
+    console.print(table)
+    console.print(f"{len(page['items'])} of {page['total']} events")
 
 
 def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:

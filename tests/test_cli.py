@@ -1,14 +1,18 @@
 """The ``advorch`` CLI as users run it: a real subprocess talking to a live server over HTTP,
-reading the URL and the token from the same settings and token file as the server. Workers
-are played through the internal routes (the Ray tests run the real ones)."""
+reading the URL and the token from the same settings and token file as the server (the
+bootstrap admin), or from the config file ``advorch login`` writes. Workers are played
+through the internal routes (the Ray tests run the real ones)."""
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import threading
 import time
+import tomllib
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,28 +22,39 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import LiveServer, play_workers
+from tests.conftest import LiveServer, bearer, play_workers
 from workers.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_EXAMPLE = ROOT / "examples" / "trades_beta_sweep.yaml"
 
 
+Advorch = Callable[..., subprocess.CompletedProcess[str]]
+
+
 @pytest.fixture
-def advorch(live_server: LiveServer) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run ``advorch ARGS`` against the live server, as a user whose ADVORCH_HOME it shares."""
+def cli_config_file(tmp_path: Path) -> Path:
+    """Where this test's CLI keeps what `advorch login` writes (never the real user's file)."""
+    return tmp_path / "config" / "advorch.toml"
+
+
+@pytest.fixture
+def advorch(live_server: LiveServer, cli_config_file: Path) -> Advorch:
+    """Run ``advorch ARGS`` against the live server, as a user whose ADVORCH_HOME it shares
+    (so, until `advorch login`, as the bootstrap admin). ``input=`` is its stdin."""
     env = {
         **os.environ,
         "ADVORCH_HOME": str(live_server.settings.home),
         "ADVORCH_PUBLIC_URL": live_server.url,
+        "ADVORCH_CONFIG_FILE": str(cli_config_file),
         "COLUMNS": "200",  # tables whole, not folded to 80 columns
     }
     env.pop("ADVORCH_API_TOKEN", None)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-c", "from service.cli import main; main()", *args]
         return subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+            command, env=env, input=input, capture_output=True, text=True, timeout=120, cwd=ROOT
         )
 
     return run
@@ -170,3 +185,82 @@ def _wait_for_queued_job(api: httpx.Client, name: str, timeout_s: float = 60) ->
                 return str(job["id"])
         time.sleep(0.1)
     raise AssertionError(f"no queued job {name!r} appeared")
+
+
+# --- users, tokens, login ---
+
+
+def last_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.rstrip("\n").splitlines()[-1]
+
+
+def test_an_admin_adds_a_user_who_logs_in_and_sees_their_own_jobs(
+    advorch: Advorch,
+    api: httpx.Client,
+    submit: Callable[..., dict[str, Any]],
+    cli_config_file: Path,
+    live_server: LiveServer,
+) -> None:
+    admins_job = submit(name="admins-job")["id"]
+    name = f"carol-{uuid.uuid4().hex[:6]}"
+    token = last_line(advorch("users", "add", name))
+    assert api.get("/v1/me", headers=bearer(token)).json()["name"] == name  # alone on its line
+    second = last_line(advorch("users", "token", name))
+    assert second != token and api.get("/v1/me", headers=bearer(second)).status_code == 200
+
+    # A wrong token is refused, and nothing is written.
+    refused = advorch("login", input="not-a-token\n")
+    assert refused.returncode == 1 and "unknown, revoked" in refused.stderr
+    assert not cli_config_file.exists()
+    logged_in = advorch("login", "--url", live_server.url, input=token + "\n")
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert f"as {name}" in logged_in.stdout and token not in logged_in.stdout
+    assert stat.S_IMODE(cli_config_file.stat().st_mode) == 0o600
+    assert tomllib.loads(cli_config_file.read_text()) == {"url": live_server.url, "token": token}
+
+    # From now on the CLI is carol (the config file comes before $ADVORCH_HOME/api_token).
+    assert f"{name} (token " in advorch("whoami").stdout
+    submitted = advorch("submit", str(SWEEP_EXAMPLE), "--set", "name=carols-sweep")
+    assert submitted.returncode == 0, submitted.stderr
+    carols_job = submitted.stdout.split("submitted job ")[1].split()[0]
+    listing = advorch("jobs").stdout
+    assert carols_job in listing and name in listing and admins_job not in listing
+    assert "1 of 1 jobs" in listing
+    assert advorch("status", admins_job).returncode == 1  # not carol's: no such job
+    not_admin = advorch("users", "list")
+    assert not_admin.returncode == 1 and not_admin.stderr.startswith("error: only admins")
+
+    assert advorch("logout").returncode == 0 and not cli_config_file.exists()
+    assert "admin (admin)" in advorch("whoami").stdout
+    everyone = advorch("jobs", "--limit", "100").stdout
+    assert carols_job in everyone and admins_job in everyone and " admin " in everyone
+    assert carols_job in advorch("jobs", "--owner", name).stdout
+    assert admins_job not in advorch("jobs", "--owner", name).stdout
+
+
+def test_an_admin_manages_users_from_the_cli(advorch: Advorch, api: httpx.Client) -> None:
+    name = f"dave-{uuid.uuid4().hex[:6]}"
+    token = last_line(advorch("users", "add", name, "--admin"))
+    assert api.get("/v1/me", headers=bearer(token)).json()["admin"] is True
+    token_id = token.split("_")[1]
+
+    limited = advorch("users", "limits", name, "--max-active-jobs", "3")
+    assert limited.returncode == 0 and "at most 3 queued or running jobs" in limited.stdout
+    listing = advorch("users", "list").stdout
+    row = next(line for line in listing.splitlines() if name in line)
+    assert "yes" in row and token_id in row and "3*" in row
+    admin_row = next(line for line in listing.splitlines() if line.split()[1:2] == ["admin"])
+    assert "yes" in admin_row and "*" not in admin_row
+    assert "default" in advorch("users", "limits", name, "--max-active-jobs", "x").stderr
+
+    revoked = advorch("users", "revoke", name, token_id)
+    assert revoked.returncode == 0, revoked.stderr
+    assert api.get("/v1/me", headers=bearer(token)).status_code == 401
+    fresh = last_line(advorch("users", "token", name))
+    assert advorch("users", "disable", name).returncode == 0
+    assert api.get("/v1/me", headers=bearer(fresh)).status_code == 401
+    assert "disabled" in advorch("users", "token", name).stderr
+
+    audit = advorch("audit", "--action", "user.disable").stdout
+    assert name in audit and "user.disable" in audit
