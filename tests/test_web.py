@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, play_workers
+from tests.conftest import LiveServer, UserClient, play_workers
 
 CHROMIUM = "/usr/bin/chromium"
 # Trial key -> (beta, clean acc, robust acc). beta_1 is dominated: it is not on the front.
@@ -102,6 +102,28 @@ def test_the_page_asks_for_a_token_and_shows_nothing_without_one(live_server: Li
     dom = render(f"{live_server.url}/")
     assert dom.count("form", id="login") == 1
     assert dom.count("table") == 0
+
+
+def test_the_page_shows_a_user_their_own_jobs_and_an_admin_everyones(
+    live_server: LiveServer, make_user: Callable[..., UserClient]
+) -> None:
+    alice, bob = make_user("alice"), make_user("bob")
+    for user in (alice, bob):
+        response = user.http.post("/v1/jobs", json={"name": f"{user.name}-job"})
+        assert response.status_code == 201
+
+    as_alice = render(f"{live_server.url}/#token={alice.token}")
+    text = " ".join(as_alice.text)
+    assert f"{alice.name}-job" in text and f"{bob.name}-job" not in text
+    assert "Jobs (1)" in text
+    assert as_alice.count("td", **{"class": "owner"}) == 1
+    assert f"{alice.name} · " in as_alice.text  # who is signed in: a text node of its own
+    assert as_alice.count("a", id="signout") == 1
+
+    as_admin = render(f"{live_server.url}/#token={live_server.api_token}")
+    admin_text = " ".join(as_admin.text)
+    assert f"{alice.name}-job" in admin_text and f"{bob.name}-job" in admin_text
+    assert "admin (admin) · " in as_admin.text
 
 
 def scrape(live_server: LiveServer) -> str:
