@@ -24,7 +24,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from service.client import AdvorchClient, ApiError, CliConfig, write_cli_config
+from service.client import (
+    AdvorchClient,
+    ApiError,
+    CliConfig,
+    read_cli_config,
+    service_url,
+    write_cli_config,
+)
 from service.settings import get_settings
 
 app = typer.Typer(
@@ -258,7 +265,10 @@ def checkpoint(
 def login(
     url: Annotated[
         str | None,
-        typer.Option(help="The service's URL [default: ADVORCH_PUBLIC_URL, or HOST:PORT's]."),
+        typer.Option(
+            help="The service's URL [default: ADVORCH_PUBLIC_URL, the last login's, or "
+            "http://ADVORCH_HOST:ADVORCH_PORT]."
+        ),
     ] = None,
     token: Annotated[
         str | None,
@@ -268,12 +278,16 @@ def login(
     """Check a token with the service and keep it, with the URL, in the CLI's config file
     (mode 0600), for every later command."""
     settings = get_settings()
-    url = url or settings.resolved_public_url
+    path = settings.resolved_config_file
+    try:
+        previous = read_cli_config(path)
+    except ApiError:  # a damaged file: this login replaces it
+        previous = CliConfig()
+    url = url or service_url(settings, previous)
     if token is None:
         token = str(typer.prompt("API token", hide_input=True)).strip()
     with AdvorchClient(url, token) as client:
         me = client.me()
-    path = settings.resolved_config_file
     write_cli_config(path, CliConfig(url=url, token=token))
     console.print(f"logged in to {url} as {_user_text(me)}; the token is kept in {path}")
 

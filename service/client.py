@@ -47,6 +47,11 @@ def read_cli_config(path: Path) -> CliConfig:
     )
 
 
+def service_url(settings: Settings, config: CliConfig) -> str:
+    """The service's URL: ADVORCH_PUBLIC_URL, else the config file's, else HOST:PORT's."""
+    return settings.public_url or config.url or settings.resolved_public_url
+
+
 def write_cli_config(path: Path, config: CliConfig) -> None:
     """Write the CLI's config file, readable by its owner only (0600, in a 0700 folder when it
     makes one): it holds a token."""
@@ -92,8 +97,7 @@ class AdvorchClient:
                 "ADVORCH_API_TOKEN, or start the service once (`advorch serve`) so that it "
                 f"writes {settings.api_token_file}"
             )
-        url = settings.public_url or config.url or settings.resolved_public_url
-        return cls(url, token)
+        return cls(service_url(settings, config), token)
 
     def close(self) -> None:
         self._http.close()

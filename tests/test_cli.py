@@ -233,6 +233,13 @@ def test_an_admin_adds_a_user_who_logs_in_and_sees_their_own_jobs(
 
     assert advorch("logout").returncode == 0 and not cli_config_file.exists()
     assert "admin (admin)" in advorch("whoami").stdout
+    # A config file that was there already, readable by others, is made private by a login.
+    cli_config_file.write_text('token = "stale"\n')
+    cli_config_file.chmod(0o644)
+    assert advorch("login", "--token", second).returncode == 0
+    assert stat.S_IMODE(cli_config_file.stat().st_mode) == 0o600
+    assert f"{name} (token " in advorch("whoami").stdout
+    advorch("logout")
     everyone = advorch("jobs", "--limit", "100").stdout
     assert carols_job in everyone and admins_job in everyone and " admin " in everyone
     assert carols_job in advorch("jobs", "--owner", name).stdout
