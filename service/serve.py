@@ -112,7 +112,7 @@ def _banner(settings: Settings, ray_jobs: RayJobs) -> str:
     token = (
         "ADVORCH_API_TOKEN"
         if settings.api_token is not None
-        else f"in {settings.api_token_file} (send it as: Authorization: Bearer <token>)"
+        else f"in {settings.api_token_file} (the admin's: Authorization: Bearer <token>)"
     )
     return (
         f"advorch is serving\n"
