@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -271,6 +272,19 @@ def test_over_a_users_limits_is_429_naming_the_limit(
     assert cleared.json()["limit_overrides"] == {"max_active_jobs": None, "max_trials_per_job": 2}
     assert cleared.json()["limits"]["max_active_jobs"] == settings.user_max_active_jobs
     assert api.patch(f"/v1/users/{alice.name}", json={"max_active_jobs": -1}).status_code == 422
+
+
+def test_submissions_at_once_cannot_both_take_the_last_place(
+    api: httpx.Client, make_user: MakeUser
+) -> None:
+    alice = make_user("alice")
+    api.patch(f"/v1/users/{alice.name}", json={"max_active_jobs": 1})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(
+            pool.map(lambda i: alice.http.post("/v1/jobs", json={"name": f"race-{i}"}), range(8))
+        )
+    assert sorted(answer.status_code for answer in answers) == [201] + [429] * 7
+    assert alice.http.get("/v1/jobs").json()["total"] == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
