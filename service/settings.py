@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
     # Where checkpoints go (a folder, or shared storage on a cluster); None: home/storage
     storage_uri: str | None = None
+    # How long start-up waits for a PostgreSQL server that does not answer yet (a container
+    # started beside it), trying every few seconds, before it gives up with one line.
+    db_connect_timeout_s: float = 60.0
 
     # Limits that protect the cluster; a spec above them is refused with 422.
     max_epochs: int = 500
