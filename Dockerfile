@@ -7,15 +7,14 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# Empty: torch comes from PyPI, where it is the CUDA build (it runs on CPU too, in a ~6 GB image).
-# An index with CPU builds (its 2.13.0+cpu outranks PyPI's 2.13.0) makes a much smaller image.
-ARG TORCH_INDEX_URL=
-
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /build
 COPY requirements.lock ./
+# Empty: torch comes from PyPI, where it is the CUDA build (it runs on CPU too, in a ~6 GB image).
+# An index with CPU builds (its 2.13.0+cpu outranks PyPI's 2.13.0) makes a much smaller image.
+ARG TORCH_INDEX_URL=
 # torch first, alone, so that changing advorch's code does not download it again.
 RUN pip install -c requirements.lock ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} torch
 COPY pyproject.toml README.md ./
