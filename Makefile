@@ -3,18 +3,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench clean-venv
+LOCK := requirements.lock
+
+.PHONY: serve test lint lock compose-smoke bench clean-venv
 
 # Debian's Chromium, for the test that renders the web page headless (root here, as in CI).
 CHROMIUM := /usr/bin/chromium
 
-$(STAMP): pyproject.toml
+# Every version comes from the lock (deploy/lock.py), as in the image. torch first, at the lock's
+# version: here that is the CPU build on this machine's disk (2.13.0+cpu satisfies torch==2.13.0),
+# installed before anything can pull a CUDA one.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# The CPU build of torch that lies on this machine's disk, before anything can pull a CUDA one.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) torch
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev,s3]'
 	touch $(STAMP)
+
+# Regenerate the lock after changing pyproject.toml's dependencies, keeping every pin it can;
+# `make lock UPGRADE=1` moves every package to its newest version (README: "The lock").
+lock:
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c $(LOCK) uv
+	$(BIN)/python deploy/lock.py $(if $(UPGRADE),--upgrade)
 
 serve: $(STAMP)
 	$(BIN)/advorch serve
@@ -22,13 +33,25 @@ serve: $(STAMP)
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-test: $(STAMP) $(CHROMIUM)
+# Debian's docker-compose 1.29, for the test that reads the compose files as older hosts do
+# (Docker Compose v2 comes with the dev extras). No Docker engine: the test only parses.
+DOCKER_COMPOSE_V1 := /usr/bin/docker-compose
+
+$(DOCKER_COMPOSE_V1):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
+
+test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
+	$(BIN)/python deploy/lock.py --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The compose stack, built and run for real on this host's Docker (not part of `make test`).
+compose-smoke: $(STAMP)
+	deploy/compose-smoke
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_step.py

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        upgrade_database(settings.resolved_database_url)
+        upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
         engine = make_engine(settings.resolved_database_url)
         app.state.session_factory = make_session_factory(engine)
         with app.state.session_factory() as session:

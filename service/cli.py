@@ -51,18 +51,25 @@ def serve() -> None:
     It upgrades the database first. Ctrl-C or SIGTERM stops all it started.
     """
     # Imported here: the API and Ray are slow imports that other commands do not need.
+    from service.db import DatabaseUnusable
     from service.serve import serve as run_service
 
-    run_service(get_settings())
+    try:
+        run_service(get_settings())
+    except DatabaseUnusable as err:
+        _fail(str(err))
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Bring the database to the newest schema (advorch serve does this on start)."""
-    from service.db import upgrade_database
+    from service.db import DatabaseUnusable, upgrade_database
 
     settings = get_settings()
-    upgrade_database(settings.resolved_database_url)
+    try:
+        upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
+    except DatabaseUnusable as err:
+        _fail(str(err))
     typer.echo(f"database at {settings.resolved_database_url} is up to date")
 
 
@@ -79,7 +86,8 @@ def _client() -> AdvorchClient:
 
 def _fail(message: str) -> NoReturn:
     """One clear line on stderr and a non-zero exit: never a traceback."""
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: one line even when stderr is no terminal (rich would wrap it at 80 columns).
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(1)
 
 

@@ -1,11 +1,16 @@
 """Engines, sessions and schema migrations, for SQLite (the default) and PostgreSQL alike.
 
 The schema is only ever made by Alembic (``migrations/``): the server upgrades on start and
-``advorch db upgrade`` does the same by hand, both through :func:`upgrade_database`.
+``advorch db upgrade`` does the same by hand, both through :func:`upgrade_database`. Before
+migrating, it waits for a PostgreSQL server that is not up yet (one log line per try, for a
+bounded time) and refuses a database it cannot use, each with :class:`DatabaseUnusable`: one
+line that says what is wrong and what to do.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,15 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+CONNECT_RETRY_INTERVAL_S = 2.0
+
+
+class DatabaseUnusable(RuntimeError):
+    """The database cannot be reached or used; the message is one line saying why and what
+    to do, for the command line and the container log (never a traceback)."""
 
 
 def make_engine(url: str) -> Engine:
@@ -53,9 +66,67 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def upgrade_database(url: str) -> None:
-    """Bring the database at ``url`` to the newest schema (creating it when empty)."""
+def upgrade_database(url: str, connect_timeout_s: float = 0.0) -> None:
+    """Bring the database at ``url`` to the newest schema (creating it when empty). A PostgreSQL
+    server that does not answer is tried again for up to ``connect_timeout_s``."""
+    if make_url(url).get_backend_name() == "postgresql":
+        check_postgres_database(url, connect_timeout_s)
     command.upgrade(alembic_config(url), "head")
+
+
+def check_postgres_database(url: str, connect_timeout_s: float) -> None:
+    """Connect to the PostgreSQL database at ``url``, trying again every few seconds for up to
+    ``connect_timeout_s``, and check that advorch can use it (its encoding is UTF8).
+
+    Raises :class:`DatabaseUnusable` when it cannot connect in time or the database is unfit.
+    """
+    parsed = make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    # The driver's own connection: SQLAlchemy's first connect already fails on a SQL_ASCII
+    # database (its version check runs a regex on the bytes such a database returns).
+    dialect = create_engine(parsed).dialect
+    args, params = dialect.create_connect_args(parsed)
+    params.setdefault("connect_timeout", 10)
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            connection = dialect.connect(*args, **params)
+            break
+        except dialect.loaded_dbapi.OperationalError as err:
+            reason = " ".join(str(err).split())  # the driver's message spans several lines
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise DatabaseUnusable(
+                    f"cannot connect to the database at {shown}: {reason} "
+                    f"(gave up after {connect_timeout_s:g} s; ADVORCH_DB_CONNECT_TIMEOUT_S sets "
+                    "how long to wait)"
+                ) from None
+            wait_s = min(CONNECT_RETRY_INTERVAL_S, left_s)
+            log.warning(
+                "database at %s not reachable: %s; trying again in %.0f s (giving up in %.0f s)",
+                shown,
+                reason,
+                wait_s,
+                left_s,
+            )
+            time.sleep(wait_s)
+    try:
+        cursor = connection.cursor()
+        cursor.execute(
+            "SELECT pg_encoding_to_char(encoding) FROM pg_database "
+            "WHERE datname = current_database()"
+        )
+        (encoding,) = cursor.fetchone() or ("unknown",)
+    finally:
+        connection.close()
+    if isinstance(encoding, bytes):  # what a SQL_ASCII database returns for text
+        encoding = encoding.decode("ascii")
+    if encoding != "UTF8":
+        raise DatabaseUnusable(
+            f"the database at {shown} has encoding {encoding}; advorch needs UTF8: create it "
+            f"with CREATE DATABASE {parsed.database} ENCODING 'UTF8' TEMPLATE template0 "
+            "(or a server made by initdb -E UTF8)"
+        )
 
 
 def downgrade_database(url: str, revision: str = "base") -> None:

@@ -38,7 +38,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, _raise_system_exit)
     settings.home.mkdir(parents=True, exist_ok=True)
-    upgrade_database(settings.resolved_database_url)
+    upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
     ensure_api_token(settings)
 
     head: LocalRayHead | None = None

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # The CLI's own file (`advorch login` writes the service's URL and the user's token there);
     # None: $XDG_CONFIG_HOME/advorch/config.toml, or ~/.config/advorch/config.toml.
     config_file: Path | None = None
+    # How long start-up waits for a PostgreSQL server that does not answer yet (a container
+    # started beside it), trying every few seconds, before it gives up with one line.
+    db_connect_timeout_s: float = 60.0
 
     # Limits that protect the cluster; a spec above them is refused with 422.
     max_epochs: int = 500

