@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service import jobs, users
+from service.artifacts import ArtifactStore
 from service.auth import worker_token_job_id
 from service.models import ApiToken, Job, User
 from service.settings import Settings
@@ -54,6 +55,25 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def get_job(job_id: str, session: SessionDep) -> Job:
     """The job a worker route names (its worker token was checked for that very job)."""
     return jobs.get_job(session, job_id)
+
+
+def get_open_job(job_id: str, session: SessionDep) -> Job:
+    """The job a worker route names, while it has not ended: a worker token opens its job only
+    until then (403 after), so a leaked token cannot rewrite a finished job's results."""
+    job = jobs.get_job(session, job_id)
+    jobs.ensure_open(job)
+    return job
+
+
+OpenJobDep = Annotated[Job, Depends(get_open_job)]
+
+
+def get_artifacts(request: Request) -> ArtifactStore:
+    store: ArtifactStore = request.app.state.artifacts
+    return store
+
+
+ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 
 JobDep = Annotated[Job, Depends(get_job)]

@@ -16,15 +16,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from service.artifacts import ArtifactMissing, UploadRefused
 from service.jobs import (
     CheckpointUnavailable,
     IllegalTransition,
+    JobEnded,
     JobNotFound,
     LogsUnavailable,
     TrialNotFound,
 )
 from service.quotas import QuotaExceeded
+from service.uploads import ModelNotFound
 from service.users import AccountConflict, Forbidden, TokenNotFound, UserNotFound
+from workers.model_format import NotAModelFile
 
 # Stable names for clients to branch on (HTTP's own phrases change between versions).
 ERROR_CODES: dict[int, str] = {
@@ -51,6 +55,9 @@ DOMAIN_ERROR_STATUS: dict[type[Exception], int] = {
     AccountConflict: 409,
     Forbidden: 403,
     QuotaExceeded: 429,
+    JobEnded: 403,
+    ModelNotFound: 404,
+    ArtifactMissing: 404,
 }
 
 
@@ -92,6 +99,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _validation_error)
     for exception in DOMAIN_ERROR_STATUS:
         app.add_exception_handler(exception, _domain_error)
+    app.add_exception_handler(UploadRefused, _upload_refused)
+    app.add_exception_handler(NotAModelFile, _upload_refused)
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -113,6 +122,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status = next(s for kind, s in DOMAIN_ERROR_STATUS.items() if isinstance(exc, kind))
     return error_response(status, str(exc))
+
+
+async def _upload_refused(request: Request, exc: Exception) -> JSONResponse:
+    """An uploaded file refused: 413 above the size limit, else 422 naming the body."""
+    if isinstance(exc, UploadRefused) and exc.too_large:
+        return error_response(413, str(exc))
+    return _invalid([FieldError(field="body", message=str(exc))])
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from api.body_limit import BodySizeLimit
 from api.errors import install_error_handlers
 from api.request_metrics import RequestMetrics
-from api.routes import audit, health, internal, jobs, metrics, users, web
+from api.routes import audit, health, internal, jobs, metrics, models, users, web
+from service.artifacts import ArtifactStore
 from service.auth import ensure_api_token
 from service.db import make_engine, make_session_factory, upgrade_database
 from service.settings import Settings, get_settings
@@ -55,13 +56,19 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
     )
     app.state.settings = settings
     app.state.ray_jobs = ray_jobs
+    app.state.artifacts = ArtifactStore(settings.resolved_artifacts)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
     app.add_middleware(RequestMetrics)
     app.include_router(web.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     app.include_router(users.router)
     app.include_router(audit.router)
     app.include_router(internal.router)

@@ -12,12 +12,31 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.jobs import Progress, TradeoffPoint, best_trial, job_progress, tradeoff
-from service.models import ActorKind, AuditAction, Job, JobStatus, TrialStatus, User
+from service.jobs import Progress, job_progress
+from service.models import (
+    ActorKind,
+    AuditAction,
+    Job,
+    JobStatus,
+    Trial,
+    TrialStatus,
+    User,
+)
 from service.quotas import user_limits
+from service.results import (
+    RobustAxis,
+    TradeoffPoint,
+    best_trial,
+    selection_metric,
+    tradeoff,
+)
 from service.settings import Settings
 
 # --- users read ---
+
+
+# An accuracy as a fraction in [0, 1].
+Accuracy = Annotated[float, Field(ge=0, le=1)]
 
 
 class BestTrialPublic(BaseModel):
@@ -25,8 +44,20 @@ class BestTrialPublic(BaseModel):
 
     key: str
     config: dict[str, Any]
+    chosen_by: str = Field(description="The validation score it was chosen by.")
+    val_clean_acc: float | None
+    val_robust_acc: float | None
     clean_acc: float | None
     robust_acc: float | None
+    autoattack_acc: float | None
+
+    @classmethod
+    def of(cls, job: Job) -> BestTrialPublic | None:
+        best = best_trial(job)
+        if best is None:
+            return None
+        chosen_by = "evaluate job" if job.spec.get("kind") == "evaluate" else selection_metric(job)
+        return cls.model_validate({**_columns(best), "chosen_by": chosen_by})
 
 
 class JobPublic(BaseModel):
@@ -44,11 +75,12 @@ class JobPublic(BaseModel):
     ray_submission_id: str | None
     dashboard_url: str | None
     progress: Progress
-    best_trial: BestTrialPublic | None = Field(description="The trial of highest robust_acc.")
+    best_trial: BestTrialPublic | None = Field(
+        description="The trial of the best validation score (never chosen by a test number)."
+    )
 
     @classmethod
     def from_job(cls, job: Job) -> JobPublic:
-        best = best_trial(job)
         return cls(
             id=job.id,
             name=job.name,
@@ -64,7 +96,7 @@ class JobPublic(BaseModel):
             ray_submission_id=job.ray_submission_id,
             dashboard_url=job.dashboard_url,
             progress=job_progress(job),
-            best_trial=BestTrialPublic.model_validate(best) if best else None,
+            best_trial=BestTrialPublic.of(job),
         )
 
 
@@ -88,19 +120,68 @@ class JobEventPublic(BaseModel):
     created_at: datetime
 
 
+class CheckpointPublic(BaseModel):
+    epoch: int = Field(description="The best epoch so far, whose model this is.")
+    sha256: str
+    bytes: int
+    url: str = Field(description="Where to download it (with the user's token).")
+
+
 class TrialPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     key: str
     config: dict[str, Any]
     status: TrialStatus
-    clean_acc: float | None
-    robust_acc: float | None
+    clean_acc: float | None = Field(description="Test split, best epoch's model.")
+    robust_acc: float | None = Field(description="PGD on the test split, best epoch's model.")
+    autoattack_acc: float | None = Field(description="AutoAttack (standard), when the job ran it.")
+    autoattack: dict[str, Any] | None = Field(
+        description="AutoAttack's details: accuracy after each attack, seconds, its warnings "
+        "and RobustBench's 'unreliable' flag; while it runs, the attacks done so far."
+    )
     best_epoch: int | None
-    checkpoint_uri: str | None
+    val_clean_acc: float | None = Field(description="Validation split, at the best epoch.")
+    val_robust_acc: float | None
+    checkpoint: CheckpointPublic | None
     error: str | None
+    reason: str | None = Field(description="Why it ended, when not succeeded.")
     created_at: datetime
     updated_at: datetime
+
+    @classmethod
+    def from_trial(cls, trial: Trial) -> TrialPublic:
+        checkpoint = None
+        if trial.checkpoint_sha256 is not None:
+            checkpoint = CheckpointPublic(
+                epoch=trial.checkpoint_epoch or 0,
+                sha256=trial.checkpoint_sha256,
+                bytes=trial.checkpoint_bytes or 0,
+                url=f"/v1/jobs/{trial.job_id}/trials/{trial.key}/checkpoint",
+            )
+        return cls.model_validate({**_columns(trial), "checkpoint": checkpoint})
+
+
+def _columns(row: Trial) -> dict[str, Any]:
+    return {column: getattr(row, column) for column in row.__table__.columns.keys()}  # noqa: SIM118
+
+
+class CurvePointPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    epsilon: float
+    clean_acc: float | None
+    robust_acc: float | None
+    autoattack_acc: float | None
+    autoattack: dict[str, Any] | None
+
+
+class CurvePublic(BaseModel):
+    """An evaluate job's robustness curve: accuracy against epsilon."""
+
+    trial: str
+    status: TrialStatus
+    points: list[CurvePointPublic]
 
 
 class EpochMetricsPublic(BaseModel):
@@ -117,13 +198,29 @@ class EpochMetricsPublic(BaseModel):
 
 
 class TradeoffPublic(BaseModel):
-    points: list[TradeoffPoint] = Field(description="Every trial with final metrics.")
+    robust_axis: RobustAxis = Field(description="Which robust accuracy: the attack, epsilon.")
+    points: list[TradeoffPoint] = Field(
+        description="Every configuration with final results; repeats as mean and std."
+    )
     front: list[TradeoffPoint] = Field(description="The Pareto front, by clean accuracy.")
 
     @classmethod
     def from_job(cls, job: Job) -> TradeoffPublic:
-        points = tradeoff(job)
-        return cls(points=points, front=[p for p in points if p.on_front])
+        axis, points = tradeoff(job)
+        return cls(robust_axis=axis, points=points, front=[p for p in points if p.on_front])
+
+
+class ModelPublic(BaseModel):
+    """A model file uploaded for evaluate jobs (``source: {model: ID}``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    filename: str
+    format: str = Field(description="advorch (a checkpoint) or torch_export (a .pt2 program).")
+    sha256: str
+    bytes: int
+    created_at: datetime
 
 
 # --- workers report ---
@@ -145,11 +242,25 @@ class TrialReport(BaseModel):
 
     config: dict[str, Any] = Field(description='The fields it overrides: {"training.beta": 6.0}')
     status: TrialStatus | None = None
-    clean_acc: float | None = None
-    robust_acc: float | None = None
+    clean_acc: Accuracy | None = None
+    robust_acc: Accuracy | None = None
+    autoattack_acc: Accuracy | None = None
+    autoattack: dict[str, Any] | None = None
     best_epoch: Annotated[int, Field(ge=1)] | None = None
-    checkpoint_uri: str | None = None
+    val_clean_acc: Accuracy | None = None
+    val_robust_acc: Accuracy | None = None
     error: str | None = None
+    reason: str | None = None
+
+
+class CurvePointReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: Annotated[float, Field(gt=0, le=1)]
+    clean_acc: Accuracy | None = None
+    robust_acc: Accuracy | None = None
+    autoattack_acc: Accuracy | None = None
+    autoattack: dict[str, Any] | None = None
 
 
 class EpochMetricsReport(BaseModel):

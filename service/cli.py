@@ -13,6 +13,7 @@ server's own token file), and print an API error as one line, never a traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ db_app = typer.Typer(help="The service's database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 users_app = typer.Typer(help="Admins: users and their tokens.", no_args_is_help=True)
 app.add_typer(users_app, name="users")
+models_app = typer.Typer(help="Model files to evaluate (evaluate jobs).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 @app.command()
@@ -200,30 +203,117 @@ def logs(job_id: str) -> None:
         typer.echo(client.logs(job_id), nl=False)
 
 
+def _robust_title(job: dict[str, Any]) -> str:
+    """Which robust accuracy the numbers are, for a heading."""
+    evaluation = job["spec"]["evaluation"]
+    pgd = f"PGD-{evaluation['attack_steps']}"
+    attacks = f"{pgd} and AutoAttack (standard)" if evaluation["autoattack"] else pgd
+    return f"robust accuracy is {attacks} at epsilon {evaluation['epsilon']:.4f} on the test split"
+
+
+def _autoattack_text(autoattack: dict[str, Any] | None) -> str:
+    """AutoAttack's accuracy after each attack so far (and its flag), in one cell."""
+    if not autoattack:
+        return "-"
+    steps = [f"{name} {_pct(acc)}" for name, acc in autoattack["after_attack"].items()]
+    text = " > ".join(steps) + f" ({autoattack['seconds']:.0f} s)"
+    if not autoattack.get("done"):
+        text += " running"
+    if autoattack.get("unreliable"):
+        text += " [potentially unreliable]"
+    return text
+
+
 @app.command()
-def results(job_id: str) -> None:
-    """Every trial: its config, status, clean and robust accuracy; the best is marked."""
+def results(
+    job_id: str,
+    format: Annotated[
+        str, typer.Option("--format", help="table, or robustbench (its model_info fields, JSON).")
+    ] = "table",
+) -> None:
+    """Every trial: config, status, test accuracies (clean, PGD, AutoAttack when run) and the
+    validation score it was chosen by; the best (by validation) is marked, and repeats of a
+    configuration are summed up as mean ± std."""
+    if format not in ("table", "robustbench"):
+        _fail(f"--format: {format!r} is not one of table, robustbench")
     with _client() as client:
         job = client.job(job_id)
         trials = client.trials(job_id)
+        tradeoff = client.tradeoff(job_id)
+    if format == "robustbench":
+        typer.echo(json.dumps(_robustbench_entries(job, trials), indent=2))
+        return
     best = (job["best_trial"] or {}).get("key")
-    table = Table("trial", "config", "status", "clean acc", "robust acc", "best epoch", "")
+    with_autoattack = job["spec"]["evaluation"]["autoattack"]
+    headers = ["trial", "config", "status", "clean", "PGD"]
+    headers += ["AutoAttack", "after each attack"] if with_autoattack else []
+    table = Table(*headers, "val robust", "best epoch", "")
     for trial in trials:
-        table.add_row(
+        row = [
             trial["key"],
             _config_text(trial["config"]),
             trial["status"],
             _pct(trial["clean_acc"]),
             _pct(trial["robust_acc"]),
-            str(trial["best_epoch"] or "-"),
-            "★ best" if trial["key"] == best else "",
-        )
-    epsilon = job["spec"]["evaluation"]["epsilon"]
-    console.print(
-        f"{job['name']} ({job['status']}): robust accuracy is PGD-"
-        f"{job['spec']['evaluation']['attack_steps']} at epsilon {epsilon:.4f} on the test split"
-    )
+        ]
+        if with_autoattack:
+            row += [_pct(trial["autoattack_acc"]), _autoattack_text(trial["autoattack"])]
+        row += [_pct(trial["val_robust_acc"]), str(trial["best_epoch"] or "-")]
+        table.add_row(*row, "★ best" if trial["key"] == best else "")
+    console.print(f"{job['name']} ({job['status']}): {_robust_title(job)}")
     console.print(table)
+    if best:
+        console.print(f"★ chosen by {job['best_trial']['chosen_by']} at its best epoch")
+    for trial in trials:
+        if trial["status"] != "succeeded" and trial["reason"]:
+            console.print(f"{trial['key']} {trial['status']}: {trial['reason']}", highlight=False)
+    repeated = [point for point in tradeoff["points"] if len(point["trials"]) > 1]
+    if repeated:
+        summary = Table("config", "repeats", "clean", tradeoff["robust_axis"]["attack"])
+        for point in repeated:
+            summary.add_row(
+                _config_text(point["config"]),
+                str(len(point["trials"])),
+                _mean_std(point["clean_acc"], point["clean_acc_std"]),
+                _mean_std(point["robust_acc"], point["robust_acc_std"]),
+            )
+        console.print("Repeats (each with its own seed), mean ± std:")
+        console.print(summary)
+
+
+def _mean_std(mean: float, std: float | None) -> str:
+    return _pct(mean) if std is None else f"{_pct(mean)} ± {100 * std:.1f}"
+
+
+def _robustbench_entries(job: dict[str, Any], trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each succeeded trial as RobustBench's model_info fields; venue and link are the
+    user's to fill."""
+    spec = job["spec"]
+    return [
+        {
+            "trial": trial["key"],
+            "config": trial["config"],
+            "name": f"{job['name']} {trial['key']}",
+            "authors": "",
+            "venue": "",
+            "link": "",
+            "architecture": spec["model"]["arch"],
+            "dataset": spec["dataset"]["name"],
+            "threat_model": "Linf",
+            "eps": f"{spec['evaluation']['epsilon']:.6g}",
+            "clean_acc": f"{100 * trial['clean_acc']:.2f}",
+            "autoattack_acc": (
+                f"{100 * trial['autoattack_acc']:.2f}"
+                if trial["autoattack_acc"] is not None
+                else None
+            ),
+            "additional_data": False,
+            "number_forward_passes": 1,
+            "unreliable": bool((trial["autoattack"] or {}).get("unreliable", False)),
+        }
+        for trial in trials
+        if trial["status"] == "succeeded"
+    ]
 
 
 @app.command()
@@ -231,24 +321,57 @@ def tradeoff(
     job_id: str,
     plot: Annotated[Path | None, typer.Option(help="Write a scatter plot (PNG) here.")] = None,
 ) -> None:
-    """Clean vs robust accuracy of every trial, and the Pareto front."""
+    """Clean vs robust accuracy of every configuration (repeats as mean ± std), the Pareto
+    front; the robust axis is AutoAttack's where the job ran it."""
     with _client() as client:
         result = client.tradeoff(job_id)
         job_name = client.job(job_id)["name"]
-    table = Table("trial", "config", "clean acc", "robust acc", "Pareto front")
+    axis = result["robust_axis"]
+    table = Table("trials", "config", "clean acc", f"{axis['attack']} acc", "Pareto front")
     for point in result["points"]:
         table.add_row(
-            point["key"],
+            ", ".join(point["trials"]),
             _config_text(point["config"]),
-            _pct(point["clean_acc"]),
-            _pct(point["robust_acc"]),
+            _mean_std(point["clean_acc"], point["clean_acc_std"]),
+            _mean_std(point["robust_acc"], point["robust_acc_std"]),
             "yes" if point["on_front"] else "",
         )
+    console.print(f"robust axis: {axis['attack']} at epsilon {axis['epsilon']:.4f}")
     console.print(table)
     if plot is not None:
         from service.plots import plot_tradeoff
 
-        plot_tradeoff(result["points"], result["front"], plot, title=job_name)
+        plot_tradeoff(result, plot, title=job_name)
+        console.print(f"plot written to {plot}")
+
+
+@app.command()
+def curve(
+    job_id: str,
+    plot: Annotated[Path | None, typer.Option(help="Write the curve (PNG) here.")] = None,
+) -> None:
+    """An evaluate job's robustness curve: clean, PGD and AutoAttack accuracy at each epsilon."""
+    with _client() as client:
+        curves = client.curve(job_id)
+        job = client.job(job_id)
+    if not curves:
+        _fail(f"job {job_id} has no robustness curve (yet): only evaluate jobs have one")
+    (evaluation,) = curves
+    table = Table("epsilon", "clean", "PGD", "AutoAttack", "after each attack")
+    for point in evaluation["points"]:
+        table.add_row(
+            f"{point['epsilon']:.4f}",
+            _pct(point["clean_acc"]),
+            _pct(point["robust_acc"]),
+            _pct(point["autoattack_acc"]),
+            _autoattack_text(point["autoattack"]),
+        )
+    console.print(f"{job['name']} ({evaluation['status']})")
+    console.print(table)
+    if plot is not None:
+        from service.plots import plot_curve
+
+        plot_curve(evaluation["points"], plot, title=job["name"])
         console.print(f"plot written to {plot}")
 
 
@@ -260,10 +383,41 @@ def checkpoint(
         "best.pt"
     ),
 ) -> None:
-    """Download a trial's best checkpoint (load it with workers.models.load_checkpoint)."""
+    """Download a trial's best checkpoint (load it with workers.models.load_checkpoint); a
+    broken transfer leaves no file behind."""
     with _client() as client:
         client.download_checkpoint(job_id, trial_key, output)
     console.print(f"checkpoint of {job_id}/{trial_key} written to {output}")
+
+
+@models_app.command("upload")
+def models_upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The model file.")],
+) -> None:
+    """Upload a model to evaluate: an advorch checkpoint, or a torch.export program (.pt2).
+    Prints its id alone on the last line, for `source: {model: ID}` in an evaluate job."""
+    with _client() as client:
+        model = client.upload_model(path)
+    console.print(f"uploaded {model['filename']} ({model['format']}, {model['bytes']} bytes)")
+    typer.echo(model["id"])
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Your uploaded models, newest first."""
+    with _client() as client:
+        uploaded = client.models()
+    table = Table("id", "file", "format", "bytes", "uploaded")
+    table.columns[0].no_wrap = True
+    for model in uploaded:
+        table.add_row(
+            model["id"],
+            model["filename"],
+            model["format"],
+            str(model["bytes"]),
+            model["created_at"][:16].replace("T", " "),
+        )
+    console.print(table)
 
 
 # --- who is calling ---
@@ -450,10 +604,12 @@ def audit(
 
 
 def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:
-    """A table of the job's progress, each trial's epoch and accuracy, and the job's status."""
+    """A table of the job's progress: each trial's epoch and accuracy, AutoAttack's progress
+    (a line per finished attack) while it runs, and the job's status."""
     job = client.job(job_id)
     trials = client.trials(job_id)
     progress, best = job["progress"], job["best_trial"]
+    evaluate_job = job["spec"]["kind"] == "evaluate"
     epochs = job["spec"]["training"]["epochs"]
     title = (
         f"{job['name']} ({job['status']})  "
@@ -462,8 +618,9 @@ def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:
     )
     table = Table("trial", "config", "status", "epoch", "clean acc", "robust acc", title=title)
     table.caption = "running: the last epoch's validation accuracy; done: test accuracy"
+    attack_lines = []
     for trial in trials:
-        if trial["status"] == "running":
+        if trial["status"] == "running" and not evaluate_job:
             history = client.metrics(job_id, trial["key"])
             last = history[-1] if history else {}
             epoch = f"{last['epoch']}/{epochs}" if last else "-"
@@ -480,6 +637,17 @@ def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:
             _pct(clean),
             _pct(robust),
         )
+        autoattack = trial["autoattack"] or {}
+        for attack, accuracy in (autoattack.get("after_attack") or {}).items():
+            attack_lines.append(f"{trial['key']}: AutoAttack after {attack}: {_pct(accuracy)}")
+    if evaluate_job:
+        for point in client.curve(job_id)[0]["points"] if trials else []:
+            for attack, accuracy in ((point["autoattack"] or {}).get("after_attack") or {}).items():
+                attack_lines.append(
+                    f"epsilon {point['epsilon']:.4f}: AutoAttack after {attack}: {_pct(accuracy)}"
+                )
+    if attack_lines:
+        table.caption = "\n".join([table.caption, *attack_lines])
     if job["error"]:
         table.caption = f"error: {job['error']}"
     return table, job["status"]

@@ -13,6 +13,7 @@ error becomes one ``ApiError`` whose message is the server's own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tomllib
@@ -186,17 +187,52 @@ class AdvorchClient:
     def tradeoff(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}/tradeoff")
 
+    def curve(self, job_id: str) -> list[dict[str, Any]]:
+        return list(self._json("GET", f"/v1/jobs/{job_id}/curve"))
+
     def download_checkpoint(self, job_id: str, trial_key: str, destination: Path) -> Path:
+        """Write the trial's best checkpoint to ``destination``, whole or not at all: it is
+        written aside, checked against the SHA-256 the service sent, then renamed into place,
+        so a broken transfer leaves no truncated file (and raises ApiError)."""
         url = f"/v1/jobs/{job_id}/trials/{trial_key}/checkpoint"
-        with self._http.stream("GET", url) as response:
-            if response.is_error:
-                response.read()
-                raise _api_error(response)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with destination.open("wb") as file:
-                for chunk in response.iter_bytes():
-                    file.write(chunk)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        draft = destination.with_name(f".{destination.name}.part")
+        try:
+            with self._http.stream("GET", url) as response:
+                if response.is_error:
+                    response.read()
+                    raise _api_error(response)
+                digest = hashlib.sha256()
+                with draft.open("wb") as file:
+                    for chunk in response.iter_bytes():
+                        digest.update(chunk)
+                        file.write(chunk)
+                expected = response.headers.get("x-content-sha256")
+            if expected is not None and expected != digest.hexdigest():
+                raise ApiError(f"the checkpoint arrived damaged (SHA-256 {digest.hexdigest()})")
+            draft.replace(destination)
+        except httpx.TransportError as err:
+            raise ApiError(f"the download of {job_id}/{trial_key} broke off: {err}") from err
+        finally:
+            draft.unlink(missing_ok=True)
         return destination
+
+    # --- models to evaluate ---
+
+    def upload_model(self, path: Path) -> dict[str, Any]:
+        """Upload a model file (an advorch checkpoint or a .pt2 program) for evaluate jobs."""
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as file:
+            return self._json(
+                "POST",
+                "/v1/models",
+                params={"filename": path.name},
+                content=file,
+                headers={"X-Content-SHA256": digest, "Content-Type": "application/octet-stream"},
+            )
+
+    def models(self) -> list[dict[str, Any]]:
+        return list(self._json("GET", "/v1/models"))
 
     def _json(self, method: str, url: str, **kwargs: Any) -> Any:
         try:

@@ -86,7 +86,9 @@ def submit(session: Session, ray_jobs: RayJobs, settings: Settings, job: Job) ->
         job_id=job.id,
         service_url=settings.resolved_public_url,
         worker_token=worker_token(settings, job.id),
-        spec_json=json.dumps(job.spec),
+        # As submitted: each trial resolves its own defaults (jobs older than that column
+        # have only the resolved spec).
+        spec_json=json.dumps(job.submitted_spec or job.spec),
         storage_uri=_absolute(settings.resolved_storage_uri),
         data_dir=str(settings.resolved_data_dir.resolve()),
     )

@@ -5,7 +5,10 @@
 (plus the shortcuts a crash needs: a queued job that cannot be submitted fails, and a submitted
 job whose workers never said "running" can still finish.) Routes, the dispatcher and the
 reconciler all change a job's status through :func:`transition`, which records a
-:class:`JobEvent` for each change.
+:class:`JobEvent` for each change, and which owns the one invariant of a job's end: when a job
+ends, none of its trials is left pending or running. In the same transaction each open trial
+is ended too (``cancelled`` with the job, ``failed`` otherwise: its end was lost), with the
+reason, so the API never shows a running trial of an ended job.
 
 Each function that writes is one unit of work and commits before it returns; a function that
 raises has changed nothing. Writers are kept from overwriting each other by the version column
@@ -14,8 +17,9 @@ and the operations that users and workers call decide again on a fresh copy.
 
 What workers report is idempotent: a job status it already has is a no-op, and trial and metric
 writes commute, so the same post twice, or posts out of order, leave the rows that one post of
-each in order would. Trials and metrics are taken whatever the job's status, since a trial's
-last report may arrive after the job's end.
+each in order would. Workers write only while their job has not ended (:func:`ensure_open`):
+the entrypoint posts the job's end after every trial's last report, and a cancelled job takes
+no more, so a leaked worker token cannot rewrite a finished job's results.
 """
 
 from __future__ import annotations
@@ -23,10 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,7 @@ from service.audit import Actor, audit_event
 from service.metrics import DISPATCH_LATENCY, EPOCH_METRICS_POSTED
 from service.models import (
     AuditAction,
+    CurvePoint,
     Job,
     JobEvent,
     JobPriority,
@@ -75,10 +77,17 @@ TRIAL_STATUS_RANK: dict[TrialStatus, int] = {
     TrialStatus.SUCCEEDED: 2,
     TrialStatus.FAILED: 2,
     TrialStatus.STOPPED: 2,
+    TrialStatus.CANCELLED: 2,
 }
 TRIAL_FINISHED: frozenset[TrialStatus] = frozenset(
-    {TrialStatus.SUCCEEDED, TrialStatus.FAILED, TrialStatus.STOPPED}
+    status for status, rank in TRIAL_STATUS_RANK.items() if rank == 2
 )
+# What a trial that ended otherwise than succeeded says when its report gave no reason.
+DEFAULT_TRIAL_REASONS: dict[TrialStatus, str] = {
+    TrialStatus.FAILED: "the trial failed",
+    TrialStatus.STOPPED: "stopped early by the scheduler (ASHA)",
+    TrialStatus.CANCELLED: "cancelled with its job",
+}
 
 
 class JobNotFound(Exception):
@@ -101,6 +110,10 @@ class CheckpointUnavailable(Exception):
     pass
 
 
+class JobEnded(Exception):
+    """A worker wrote to a job that has ended: its token no longer opens the job (403)."""
+
+
 class LogsUnavailable(Exception):
     pass
 
@@ -110,15 +123,6 @@ class Progress:
     trials_total: int
     trials_done: int
     trials_running: int
-
-
-@dataclass(frozen=True)
-class TradeoffPoint:
-    key: str
-    config: dict[str, Any]
-    clean_acc: float
-    robust_acc: float
-    on_front: bool
 
 
 # --- submitting and reading jobs (the user routes) ---
@@ -135,6 +139,7 @@ def create_job(session: Session, spec: JobSpec, settings: Settings, *, owner: Us
         name=spec.name,
         status=JobStatus.QUEUED,
         spec=spec.model_dump(mode="json"),
+        submitted_spec=spec.submitted(),
         num_trials=spec.num_trials(),
         owner=owner,
         priority=JobPriority(spec.priority),
@@ -248,55 +253,17 @@ def job_progress(job: Job) -> Progress:
     )
 
 
-def best_trial(job: Job) -> Trial | None:
-    """The trial with the highest robust accuracy (then clean accuracy), if any has one."""
-    scored = [trial for trial in job.trials if trial.robust_acc is not None]
-    return max(scored, key=lambda t: (t.robust_acc or 0.0, t.clean_acc or 0.0), default=None)
-
-
-def tradeoff(job: Job) -> list[TradeoffPoint]:
-    """Clean against robust accuracy of every trial with final metrics, in order of clean
-    accuracy, each marked whether it is on the Pareto front (no other trial is at least as
-    good on both and better on one)."""
-    scored = [
-        (trial, (trial.clean_acc, trial.robust_acc))
-        for trial in job.trials
-        if trial.clean_acc is not None and trial.robust_acc is not None
-    ]
-    points = [
-        TradeoffPoint(
-            key=trial.key,
-            config=trial.config,
-            clean_acc=score[0],
-            robust_acc=score[1],
-            on_front=not any(_dominates(other, score) for _, other in scored),
-        )
-        for trial, score in scored
-    ]
-    return sorted(points, key=lambda p: (p.clean_acc, p.robust_acc, p.key))
-
-
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] >= b[0] and a[1] >= b[1] and a != b
-
-
-def checkpoint_path(trial: Trial, settings: Settings) -> Path:
-    """The local file of a trial's best checkpoint.
-
-    Only files inside the storage folder are served, so a worker token cannot make the server
-    hand out any other file it can read.
-    """
-    uri = trial.checkpoint_uri
-    if uri is None:
-        raise CheckpointUnavailable(f"trial {trial.key!r} has no checkpoint yet")
-    path, storage = _local_path(uri), _local_path(settings.resolved_storage_uri)
-    if path is None or storage is None or not path.resolve().is_relative_to(storage.resolve()):
+def checkpoint_key(trial: Trial) -> str:
+    """Where the artifact store keeps a trial's best checkpoint (named by its content)."""
+    if trial.checkpoint_sha256 is None:
         raise CheckpointUnavailable(
-            f"checkpoint {uri!r} of trial {trial.key!r} is not in this server's storage"
+            f"trial {trial.key!r} has no checkpoint: it has not finished a validated epoch"
         )
-    if not path.is_file():
-        raise CheckpointUnavailable(f"checkpoint file {uri!r} of trial {trial.key!r} is missing")
-    return path
+    return checkpoint_store_key(trial.job_id, trial.key, trial.checkpoint_sha256)
+
+
+def checkpoint_store_key(job_id: str, trial_key: str, sha256: str) -> str:
+    return f"checkpoints/{job_id}/{trial_key}/{sha256}.pt"
 
 
 def ray_logs(job: Job, read_logs: Callable[[str], str | None]) -> str:
@@ -308,14 +275,6 @@ def ray_logs(job: Job, read_logs: Callable[[str], str | None]) -> str:
     if logs is None:
         raise LogsUnavailable(f"the Ray cluster has no job {job.ray_submission_id!r} any more")
     return logs
-
-
-def _local_path(uri: str) -> Path | None:
-    """The path of a plain path or file:// URI; None for remote storage (s3://...)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(url2pathname(parsed.path))
-    return Path(uri) if parsed.scheme == "" else None
 
 
 # --- the state machine (users, workers, the dispatcher and the reconciler) ---
@@ -339,6 +298,8 @@ def transition(
         job.finished_at = now
     if error is not None:
         job.error = error
+    if to in FINISHED:
+        _end_open_trials(job, to, reason=reason, error=error)
     try:
         session.commit()
     except StaleDataError as err:
@@ -346,6 +307,26 @@ def transition(
         session.refresh(job)
         raise ConcurrentUpdate(f"job {job.id} changed meanwhile; it is now {job.status}") from err
     return job
+
+
+def _end_open_trials(job: Job, to: JobStatus, *, reason: str, error: str | None) -> None:
+    """End every trial of ``job`` still pending or running, as the job ends with ``to``: with
+    the job when it is cancelled, and failed otherwise (its own end never arrived)."""
+    if to == JobStatus.CANCELLED:
+        status, why = TrialStatus.CANCELLED, reason
+    elif to == JobStatus.SUCCEEDED:
+        status, why = TrialStatus.FAILED, "its end was never reported: the job ended first"
+    else:
+        status, why = TrialStatus.FAILED, f"the job failed while it ran: {error or reason}"
+    for trial in job.trials:
+        if trial.status not in TRIAL_FINISHED:
+            trial.status, trial.reason = status, why
+
+
+def ensure_open(job: Job) -> None:
+    """Raise JobEnded unless the job's workers may still write to it."""
+    if job.status in FINISHED:
+        raise JobEnded(f"job {job.id} has ended ({job.status}); it takes no more reports")
 
 
 def _ensure_allowed(job: Job, to: JobStatus) -> None:
@@ -446,29 +427,63 @@ def upsert_trial(
     *,
     config: dict[str, Any] | None = None,
     status: TrialStatus | None = None,
-    clean_acc: float | None = None,
-    robust_acc: float | None = None,
-    best_epoch: int | None = None,
-    checkpoint_uri: str | None = None,
     error: str | None = None,
+    reason: str | None = None,
+    **results: Any,
 ) -> Trial:
-    """Create or update a trial; commits. Its status only moves forward, and a value given
-    replaces one stored but a None never erases one."""
+    """Create or update a trial; commits. Its status only moves forward, a value given replaces
+    one stored but a None never erases one, and a trial that ends otherwise than succeeded
+    always says why (its error's first line when its report gave no reason). ``results`` are
+    Trial's result columns (clean_acc, robust_acc, autoattack_acc, autoattack, best_epoch,
+    val_clean_acc, val_robust_acc)."""
     trial = _find_or_add_trial(session, job, key, status=TrialStatus.PENDING)
     if config:
         trial.config = config
     if status is not None:
         _advance(trial, status)
-    _merge(
-        trial,
-        clean_acc=clean_acc,
-        robust_acc=robust_acc,
-        best_epoch=best_epoch,
-        checkpoint_uri=checkpoint_uri,
-        error=error,
-    )
+    _merge(trial, error=error, reason=reason, **results)
+    if trial.status in DEFAULT_TRIAL_REASONS and not trial.reason:
+        trial.reason = (trial.error or "").strip().split("\n")[0] or DEFAULT_TRIAL_REASONS[
+            trial.status
+        ]
     session.commit()
     return trial
+
+
+@_retry_on_conflict
+def record_checkpoint(
+    session: Session, job: Job, key: str, *, epoch: int, sha256: str, size: int
+) -> tuple[Trial, str | None]:
+    """Point a trial at the checkpoint of its best epoch ``epoch``, already in the artifact
+    store under its content's name; commits. An older epoch than the one it has changes
+    nothing (a late retry). Returns the trial and the store key of a checkpoint no longer
+    pointed at (the one replaced, or the one refused), for the caller to delete."""
+    trial = _find_or_add_trial(session, job, key, status=TrialStatus.RUNNING)
+    uploaded = checkpoint_store_key(job.id, key, sha256)
+    current = checkpoint_key(trial) if trial.checkpoint_sha256 is not None else None
+    if trial.checkpoint_epoch is not None and epoch < trial.checkpoint_epoch:
+        return trial, None if uploaded == current else uploaded
+    trial.checkpoint_epoch, trial.checkpoint_sha256, trial.checkpoint_bytes = epoch, sha256, size
+    session.commit()
+    return trial, None if current == uploaded else current
+
+
+@_retry_on_conflict
+def record_curve_point(
+    session: Session, job: Job, key: str, *, epsilon: float, **values: Any
+) -> CurvePoint:
+    """Create or update the point at ``epsilon`` of an evaluate job's robustness curve
+    (``values`` by CurvePoint's column names); commits."""
+    trial = _find_or_add_trial(session, job, key, status=TrialStatus.RUNNING)
+    point = session.scalar(
+        select(CurvePoint).where(CurvePoint.trial_id == trial.id, CurvePoint.epsilon == epsilon)
+    )
+    if point is None:
+        point = CurvePoint(trial_id=trial.id, epsilon=epsilon)
+        session.add(point)
+    _merge(point, **values)
+    session.commit()
+    return point
 
 
 @_retry_on_conflict
@@ -507,7 +522,7 @@ def _advance(trial: Trial, status: TrialStatus) -> None:
         trial.status = status
 
 
-def _merge(row: Trial | TrialMetric, **values: Any) -> None:
+def _merge(row: Trial | TrialMetric | CurvePoint, **values: Any) -> None:
     for name, value in values.items():
         if value is not None:
             setattr(row, name, value)

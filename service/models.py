@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Dialect,
     Enum,
@@ -45,6 +46,7 @@ class TrialStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"  # ended early by the scheduler (ASHA)
+    CANCELLED = "cancelled"  # cut short when its job was cancelled
 
 
 class JobPriority(StrEnum):
@@ -188,6 +190,9 @@ class Job(Base):
     )
     # The resolved spec (JobSpec.model_dump(mode="json")): exactly what runs.
     spec: Mapped[dict[str, Any]]
+    # The spec as the user wrote it (JobSpec.submitted()): what workers are given, so that each
+    # trial of a sweep resolves its own defaults. None for jobs older than this column.
+    submitted_spec: Mapped[dict[str, Any] | None]
     num_trials: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -225,11 +230,27 @@ class Trial(Base):
     # The fields this trial overrides, by dotted path: {"training.beta": 6.0}.
     config: Mapped[dict[str, Any]]
     status: Mapped[TrialStatus] = mapped_column(status_column(TrialStatus))
+    # Final numbers, on the test split at the job's evaluation epsilon: clean, PGD and
+    # AutoAttack accuracy of the best epoch's model.
     clean_acc: Mapped[float | None] = mapped_column(Float)
     robust_acc: Mapped[float | None] = mapped_column(Float)
+    autoattack_acc: Mapped[float | None] = mapped_column(Float)
+    # AutoAttack's details (workers.autoattack.AutoAttackResult.as_report()): the accuracy after
+    # each attack, seconds, its checks' warnings; posted after each attack while it runs.
+    autoattack: Mapped[dict[str, Any] | None]
+    # The best epoch, chosen by validation robust accuracy, and its validation accuracies: what
+    # the job's best trial is chosen by (never a test number).
     best_epoch: Mapped[int | None]
-    checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    val_clean_acc: Mapped[float | None] = mapped_column(Float)
+    val_robust_acc: Mapped[float | None] = mapped_column(Float)
+    # The best model so far, as uploaded by the trial's rank 0 into the artifact store.
+    checkpoint_epoch: Mapped[int | None]
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
+    checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
+    # Why a trial that did not succeed ended as it did ("cancelled by user", "its node was
+    # lost", the training's exception); every trial that ends otherwise than succeeded has one.
+    reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -239,6 +260,9 @@ class Trial(Base):
     job: Mapped[Job] = relationship(back_populates="trials")
     metrics: Mapped[list[TrialMetric]] = relationship(
         back_populates="trial", cascade="all, delete-orphan", order_by="TrialMetric.epoch"
+    )
+    curve: Mapped[list[CurvePoint]] = relationship(
+        back_populates="trial", cascade="all, delete-orphan", order_by="CurvePoint.epsilon"
     )
 
     __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
@@ -263,6 +287,42 @@ class TrialMetric(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     trial: Mapped[Trial] = relationship(back_populates="metrics")
+
+
+class CurvePoint(Base):
+    """An evaluate job's model attacked at one epsilon: a point of its robustness curve."""
+
+    __tablename__ = "curve_points"
+    __table_args__ = (UniqueConstraint("trial_id", "epsilon"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    epsilon: Mapped[float] = mapped_column(Float)
+    clean_acc: Mapped[float | None] = mapped_column(Float)
+    robust_acc: Mapped[float | None] = mapped_column(Float)
+    autoattack_acc: Mapped[float | None] = mapped_column(Float)
+    autoattack: Mapped[dict[str, Any] | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    trial: Mapped[Trial] = relationship(back_populates="curve")
+
+
+class UploadedModel(Base):
+    """A model file a user uploaded (``POST /v1/models``) for evaluate jobs to attack; its bytes
+    are in the artifact store, under ``models/<id>``."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    # workers.model_format: "advorch" (a checkpoint) or "torch_export" (a .pt2 program).
+    format: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    owner: Mapped[User] = relationship()
 
 
 class JobEvent(Base):

@@ -34,8 +34,12 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # Where data sets such as cifar-10-batches-py live; None: home/data
     data_dir: Path | None = None
-    # Where checkpoints go (a folder, or shared storage on a cluster); None: home/storage
+    # Where Ray Train keeps its own checkpoints (what a restarted worker resumes from): a
+    # folder, shared storage on a cluster, or an s3:// URI; None: home/storage
     storage_uri: str | None = None
+    # The service's artifact store: trials' best checkpoints and uploaded model files, a folder
+    # or an fsspec URL (s3://bucket/prefix); None: home/artifacts
+    artifacts: str | None = None
     # The CLI's own file (`advorch login` writes the service's URL and the user's token there);
     # None: $XDG_CONFIG_HOME/advorch/config.toml, or ~/.config/advorch/config.toml.
     config_file: Path | None = None
@@ -49,6 +53,8 @@ class Settings(BaseSettings):
     max_workers: int = 16
     max_batch_size: int = 4096
     max_request_bytes: int = 1_000_000
+    # Checkpoint and model uploads have their own limit (WRN-34-10 is about 185 MB).
+    max_upload_bytes: int = 1_000_000_000
 
     # Sharing the cluster: how many jobs the dispatcher keeps on Ray at once (the rest wait,
     # queued, in the database), and each user's limits, which an admin may override per user.
@@ -84,6 +90,10 @@ class Settings(BaseSettings):
         xdg_config_home = os.environ.get("XDG_CONFIG_HOME")
         base = Path(xdg_config_home) if xdg_config_home else Path.home() / ".config"
         return base / "advorch" / "config.toml"
+
+    @property
+    def resolved_artifacts(self) -> str:
+        return self.artifacts or str(self.home / "artifacts")
 
     @property
     def api_token_file(self) -> Path:

@@ -9,9 +9,11 @@ with a name of its own, since the live server is shared by the whole session.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from sqlalchemy import create_engine, text
 
@@ -31,7 +34,9 @@ from api.main import create_app
 from service import jobs
 from service.auth import worker_token
 from service.db import make_engine, make_session_factory
+from service.ray_cluster import LocalRayHead, RayJobs, start_local_head
 from service.settings import Settings
+from tests.ray_support import Service, clean_environment
 from workers.models import build_model, save_checkpoint
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -46,6 +51,7 @@ TEST_LIMITS: dict[str, Any] = {
     "max_workers": 4,
     "max_batch_size": 512,
     "max_request_bytes": 64_000,
+    "max_upload_bytes": 2_000_000,
     # The bootstrap admin submits many jobs over a session and never finishes most of them.
     "user_max_active_jobs": 10_000,
 }
@@ -253,14 +259,6 @@ def dispatch(
 
 
 @pytest.fixture
-def storage_dir(live_server: LiveServer) -> Path:
-    """The live server's checkpoint storage folder (the default: under ADVORCH_HOME)."""
-    path = Path(live_server.settings.resolved_storage_uri)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture
 def tiny_cifar10_root(tmp_path: Path) -> Path:
     """A data folder holding ``cifar-10-batches-py`` in the standard python format, as
     ``load_dataset("cifar10", split, root)`` reads it: five training batches of 20 images and
@@ -283,12 +281,18 @@ def play_workers(
     results: dict[str, tuple[float, float, float]],
     *,
     epochs: int = 2,
-    storage: Path | None = None,
+    checkpoints: bool = False,
 ) -> None:
     """Post what a job's workers post, through the internal routes: running; for each trial
     ``key -> (beta, clean acc, robust acc)`` its epochs' validation accuracies rising to those
-    numbers, its results (and, given ``storage``, a real checkpoint there); then succeeded."""
-    worker.post(f"/v1/internal/jobs/{job_id}/events", json={"status": "running", "reason": "up"})
+    numbers (with ``checkpoints``, a real small_cnn checkpoint uploaded for the last, best,
+    epoch), its results; then succeeded. Every post must be taken."""
+
+    def expect_ok(response: httpx.Response) -> None:
+        assert response.status_code == 200, response.text
+
+    base = f"/v1/internal/jobs/{job_id}"
+    expect_ok(worker.post(f"{base}/events", json={"status": "running", "reason": "up"}))
     for key, (beta, clean, robust) in results.items():
         for epoch in range(1, epochs + 1):
             behind = (epochs - epoch) / 10
@@ -297,22 +301,101 @@ def play_workers(
                 "val_clean_acc": clean - behind,
                 "val_robust_acc": robust - behind,
             }
-            worker.post(f"/v1/internal/jobs/{job_id}/trials/{key}/metrics", json=metrics)
-        checkpoint = None
-        if storage is not None:
-            checkpoint = storage / job_id / key / "best.pt"
-            checkpoint.parent.mkdir(parents=True)
-            meta = {"arch": "small_cnn", "num_classes": 10, "input_shape": (1, 8, 8)}
-            save_checkpoint(checkpoint, build_model("small_cnn", in_channels=1), meta)
+            expect_ok(worker.post(f"{base}/trials/{key}/metrics", json=metrics))
+        if checkpoints:
+            expect_ok(upload_checkpoint(worker, job_id, key, epoch=epochs))
         trial = {
             "config": {"training.beta": beta},
             "status": "succeeded",
             "clean_acc": clean,
             "robust_acc": robust,
             "best_epoch": epochs,
-            "checkpoint_uri": str(checkpoint) if checkpoint else None,
+            "val_clean_acc": clean,
+            "val_robust_acc": robust,
         }
-        worker.put(f"/v1/internal/jobs/{job_id}/trials/{key}", json=trial)
-    worker.post(
-        f"/v1/internal/jobs/{job_id}/events", json={"status": "succeeded", "reason": "done"}
+        expect_ok(worker.put(f"{base}/trials/{key}", json=trial))
+    expect_ok(worker.post(f"{base}/events", json={"status": "succeeded", "reason": "done"}))
+
+
+def checkpoint_bytes(seed: int = 0) -> bytes:
+    """A real small_cnn checkpoint for 1x8x8 digits, as a file's bytes."""
+    torch.manual_seed(seed)
+    meta = {"arch": "small_cnn", "num_classes": 10, "input_shape": (1, 8, 8)}
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_checkpoint(
+            Path(folder) / "best.pt", build_model("small_cnn", in_channels=1), meta
+        )
+        return path.read_bytes()
+
+
+def upload_checkpoint(
+    worker: httpx.Client, job_id: str, key: str, *, epoch: int, content: bytes | None = None
+) -> httpx.Response:
+    """Upload a trial's best checkpoint as its rank 0 does: streamed, with its SHA-256."""
+    content = checkpoint_bytes() if content is None else content
+    return worker.put(
+        f"/v1/internal/jobs/{job_id}/trials/{key}/checkpoint",
+        params={"epoch": epoch},
+        content=content,
+        headers={"X-Content-SHA256": hashlib.sha256(content).hexdigest()},
     )
+
+
+# --- one Ray cluster for the whole session, and advorch services on it ---
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
+    head = start_local_head(Settings(home=tmp_path_factory.mktemp("ray-head")))
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_jobs(ray_head: LocalRayHead) -> RayJobs:
+    return RayJobs(ray_head.dashboard_url, ray_head.auth_token)
+
+
+def start_service(ray_head: LocalRayHead, home: Path, **settings: str) -> Service:
+    """``advorch serve`` on the session's cluster, with its home, reconciling every 2 s."""
+    env = clean_environment() | {
+        "ADVORCH_RAY_ADDRESS": ray_head.dashboard_url,
+        "RAY_AUTH_TOKEN": ray_head.auth_token,  # the cluster's token, as Ray's clients take it
+        "ADVORCH_DATA_DIR": str(home / "data"),  # empty: there is no CIFAR-10 here
+        "ADVORCH_RECONCILE_INTERVAL_S": "2",
+        "ADVORCH_DISPATCH_INTERVAL_S": "0.5",
+        **settings,
+    }
+    service = Service(home=home, env=env)
+    service.start()
+    return service
+
+
+@pytest.fixture(scope="session")
+def service(ray_head: LocalRayHead, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The embedded default's service (SQLite) on the session's cluster."""
+    service = start_service(ray_head, tmp_path_factory.mktemp("advorch-home"))
+    yield service
+    service.stop_if_running()
+
+
+@pytest.fixture(scope="session")
+def postgres_service(
+    ray_head: LocalRayHead,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_database_url: Callable[[str], str],
+) -> Iterator[Service]:
+    """A service on PostgreSQL (a database of its own) on the same cluster."""
+    url = make_database_url("postgres")
+    service = start_service(
+        ray_head, tmp_path_factory.mktemp("advorch-home-pg"), ADVORCH_DATABASE_URL=url
+    )
+    yield service
+    service.stop_if_running()
+
+
+@pytest.fixture(scope="session")
+def ray_api(service: Service) -> Iterator[httpx.Client]:
+    """An HTTP client of the SQLite service, with its admin's token."""
+    with service.client() as client:
+        yield client

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import upload_checkpoint
+
 Submit = Callable[..., dict[str, Any]]
 Dispatch = Callable[[str], httpx.Client]
 
@@ -76,7 +78,8 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
             clean_acc=clean,
             robust_acc=robust,
             best_epoch=2,
-            checkpoint_uri=f"file:///storage/{job_id}/{key}/best.pt",
+            val_clean_acc=clean,
+            val_robust_acc=robust,
         )
     done = post_event(worker, job_id, "succeeded", reason="all trials finished")
     assert done.status_code == 200
@@ -91,8 +94,12 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
     assert job["best_trial"] == {
         "key": "beta_6",
         "config": {"training.beta": 6.0},
+        "chosen_by": "val_robust_acc",
+        "val_clean_acc": 0.80,
+        "val_robust_acc": 0.50,
         "clean_acc": 0.80,
         "robust_acc": 0.50,
+        "autoattack_acc": None,
     }
 
     trials = api.get(f"/v1/jobs/{job_id}/trials").json()
@@ -105,11 +112,16 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
     assert metrics[1]["train_loss"] == 0.5 and metrics[1]["val_robust_acc"] == 0.50
 
     tradeoff = api.get(f"/v1/jobs/{job_id}/tradeoff").json()
-    assert [(p["key"], p["on_front"]) for p in tradeoff["points"]] == [
-        ("beta_6", True),
-        ("beta_1", True),
+    assert tradeoff["robust_axis"] == {
+        "metric": "robust_acc",
+        "attack": "PGD-20",
+        "epsilon": 8 / 255,
+    }
+    assert [(p["trials"], p["on_front"]) for p in tradeoff["points"]] == [
+        (["beta_6"], True),
+        (["beta_1"], True),
     ]
-    assert [p["key"] for p in tradeoff["front"]] == ["beta_6", "beta_1"]
+    assert [p["trials"] for p in tradeoff["front"]] == [["beta_6"], ["beta_1"]]
 
     trail = api.get(f"/v1/jobs/{job_id}/events").json()
     assert [(e["to_status"], e["reason"]) for e in trail] == [
@@ -126,12 +138,77 @@ def test_tradeoff_front_leaves_out_dominated_trials(
     job_id = submit()["id"]
     worker = dispatch(job_id)
     scores = {"a": (0.9, 0.3), "b": (0.8, 0.5), "c": (0.7, 0.4), "d": (0.8, 0.5), "e": (0.6, None)}
-    for key, (clean, robust) in scores.items():
-        put_trial(worker, job_id, key, status="succeeded", clean_acc=clean, robust_acc=robust)
+    for beta, (key, (clean, robust)) in enumerate(scores.items()):
+        config = {"training.beta": float(beta)}
+        put_trial(
+            worker,
+            job_id,
+            key,
+            config=config,
+            status="succeeded",
+            clean_acc=clean,
+            robust_acc=robust,
+        )
     tradeoff = api.get(f"/v1/jobs/{job_id}/tradeoff").json()
-    on_front = {p["key"]: p["on_front"] for p in tradeoff["points"]}
+    on_front = {p["trials"][0]: p["on_front"] for p in tradeoff["points"]}
     assert on_front == {"a": True, "b": True, "c": False, "d": True}  # e has no robust_acc
     assert [p["clean_acc"] for p in tradeoff["front"]] == [0.8, 0.8, 0.9]
+
+
+def test_the_best_trial_is_chosen_on_validation_even_where_test_disagrees(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    job_id = submit(**TRADES_SWEEP)["id"]
+    worker = dispatch(job_id)
+    # beta 1 looks better on test, beta 6 on validation: validation decides.
+    put_trial(worker, job_id, "beta_1", config={"training.beta": 1.0}, status="succeeded",
+              clean_acc=0.9, robust_acc=0.7, val_clean_acc=0.9, val_robust_acc=0.4)  # fmt: skip
+    put_trial(worker, job_id, "beta_6", config={"training.beta": 6.0}, status="succeeded",
+              clean_acc=0.8, robust_acc=0.5, val_clean_acc=0.8, val_robust_acc=0.6)  # fmt: skip
+    # A running trial with a high validation score is no candidate until it has succeeded.
+    put_trial(worker, job_id, "beta_9", config={"training.beta": 9.0}, status="running",
+              val_robust_acc=0.9)  # fmt: skip
+    best = api.get(f"/v1/jobs/{job_id}").json()["best_trial"]
+    assert (best["key"], best["chosen_by"], best["robust_acc"]) == ("beta_6", "val_robust_acc", 0.5)
+
+
+def test_repeats_are_grouped_as_mean_and_std_and_autoattack_is_the_robust_axis(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    sweep = {"parameters": {"training.beta": {"grid": [1.0, 6.0]}}, "num_samples": 2}
+    job = submit(
+        training={"method": "trades", "epochs": 1},
+        evaluation={"autoattack": True, "epsilon": 0.1},
+        sweep=sweep,
+    )
+    assert job["num_trials"] == 4
+    worker = dispatch(job["id"])
+    results = {  # key: (beta, seed, clean, PGD, AutoAttack)
+        "trial_0000": (1.0, 0, 0.90, 0.60, 0.50),
+        "trial_0001": (1.0, 1, 0.80, 0.50, 0.40),
+        "trial_0002": (6.0, 0, 0.70, 0.60, 0.55),
+        "trial_0003": (6.0, 1, 0.70, 0.60, None),  # its AutoAttack has not finished
+    }
+    for key, (beta, seed, clean, pgd, autoattack) in results.items():
+        config = {"training.beta": beta, "training.seed": seed}
+        put_trial(worker, job["id"], key, config=config, status="succeeded", clean_acc=clean,
+                  robust_acc=pgd, autoattack_acc=autoattack)  # fmt: skip
+
+    tradeoff = api.get(f"/v1/jobs/{job['id']}/tradeoff").json()
+    assert tradeoff["robust_axis"] == {
+        "metric": "autoattack_acc",
+        "attack": "AutoAttack (standard)",
+        "epsilon": 0.1,
+    }
+    points = {p["config"]["training.beta"]: p for p in tradeoff["points"]}
+    assert points[1.0]["trials"] == ["trial_0000", "trial_0001"]
+    assert points[1.0]["clean_acc"] == pytest.approx(0.85)
+    assert points[1.0]["robust_acc"] == pytest.approx(0.45)
+    assert points[1.0]["clean_acc_std"] == pytest.approx(0.0707107)
+    assert points[1.0]["robust_acc_std"] == pytest.approx(0.0707107)
+    assert points[1.0]["config"] == {"training.beta": 1.0}  # the seed is what repeats differ by
+    assert points[6.0]["trials"] == ["trial_0002"]
+    assert points[6.0]["robust_acc"] == 0.55 and points[6.0]["robust_acc_std"] is None
 
 
 def test_the_status_a_job_has_is_a_no_op(
@@ -157,23 +234,37 @@ def test_the_status_a_job_has_is_a_no_op(
         (["running", "cancel"], "succeeded"),
     ],
 )
-def test_an_illegal_status_change_is_409_and_changes_nothing(
+def test_after_its_job_ended_a_worker_token_is_403_and_changes_nothing(
     api: httpx.Client, submit: Submit, dispatch: Dispatch, history: list[str], illegal: str
 ) -> None:
+    """A leaked worker token cannot rewrite a finished job: its status, trials or results."""
     job_id = submit()["id"]
     worker = dispatch(job_id)
+    put_trial(worker, job_id, "t", status="running")
     for status in history:
         if status == "cancel":
             assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
         else:
             assert post_event(worker, job_id, status).status_code == 200
-    before = api.get(f"/v1/jobs/{job_id}").json(), api.get(f"/v1/jobs/{job_id}/events").json()
 
-    response = post_event(worker, job_id, illegal, error="late")
-    assert response.status_code == 409
-    assert response.json()["error"]["code"] == "conflict"
-    after = api.get(f"/v1/jobs/{job_id}").json(), api.get(f"/v1/jobs/{job_id}/events").json()
-    assert after == before
+    def state() -> list[Any]:
+        paths = ["", "/events", "/trials", "/trials/t/metrics"]
+        return [api.get(f"/v1/jobs/{job_id}{path}").json() for path in paths]
+
+    before = state()
+    trials = f"/v1/internal/jobs/{job_id}/trials"
+    late_writes = [
+        post_event(worker, job_id, illegal, error="late"),
+        worker.put(f"{trials}/t", json={"config": {}, "status": "succeeded", "robust_acc": 0.9}),
+        worker.put(f"{trials}/new", json={"config": {}, "status": "running"}),
+        worker.post(f"{trials}/t/metrics", json={"epoch": 1, "val_robust_acc": 0.99}),
+        upload_checkpoint(worker, job_id, "t", epoch=1),
+    ]
+    for response in late_writes:
+        assert response.status_code == 403, response.text
+        assert response.json()["error"]["code"] == "forbidden"
+        assert "has ended" in response.json()["error"]["message"]
+    assert state() == before
 
 
 def test_a_queued_job_cannot_run_before_it_is_submitted(
@@ -246,7 +337,7 @@ WORKER_POSTS: list[tuple[str, dict[str, Any]]] = [
     ("metrics", {"epoch": 2, "train_loss": 0.6, "val_robust_acc": 0.3}),
     ("metrics", {"epoch": 2, "lr": 0.05}),
     ("trial", {"config": {"training.beta": 6.0}, "status": "succeeded", "robust_acc": 0.3}),
-    ("trial", {"config": {"training.beta": 6.0}, "best_epoch": 2, "checkpoint_uri": "s3://b/k"}),
+    ("trial", {"config": {"training.beta": 6.0}, "best_epoch": 2, "val_robust_acc": 0.3}),
 ]
 # ...and the rows they leave.
 TRIAL_AFTER_POSTS = {
@@ -255,9 +346,14 @@ TRIAL_AFTER_POSTS = {
     "status": "succeeded",
     "clean_acc": None,
     "robust_acc": 0.3,
+    "autoattack_acc": None,
+    "autoattack": None,
     "best_epoch": 2,
-    "checkpoint_uri": "s3://b/k",
+    "val_clean_acc": None,
+    "val_robust_acc": 0.3,
+    "checkpoint": None,
     "error": None,
+    "reason": None,
 }
 METRIC_NAMES = (
     "train_loss train_acc val_clean_acc val_robust_acc lr epoch_seconds images_per_second"

@@ -3,6 +3,7 @@ pagination and filters, cancelling (and its 409s), the audit trail, checkpoints,
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ import pytest
 
 from service import jobs
 from service.db import make_engine, make_session_factory
+from tests.conftest import checkpoint_bytes, upload_checkpoint
 
 if TYPE_CHECKING:
     from tests.conftest import LiveServer
@@ -153,41 +155,85 @@ def test_cancel_a_job_on_ray_leaves_its_cleanup_to_the_dispatcher(
     engine.dispose()
 
 
-def test_checkpoint_is_served_from_storage(
-    api: httpx.Client, submit: Submit, dispatch: Dispatch, storage_dir: Path
-) -> None:
-    job_id = submit()["id"]
-    worker = dispatch(job_id)
-    checkpoint = storage_dir / job_id / "trial_0" / "best.pt"
-    checkpoint.parent.mkdir(parents=True)
-    checkpoint.write_bytes(b"weights \x00\x01\x02")
-    trial_url = f"/v1/internal/jobs/{job_id}/trials/trial_0"
-    worker.put(trial_url, json={"config": {}, "status": "running"})
-
-    missing = api.get(f"/v1/jobs/{job_id}/trials/trial_0/checkpoint")
-    assert missing.status_code == 404
-    assert "no checkpoint yet" in missing.json()["error"]["message"]
-
-    worker.put(trial_url, json={"config": {}, "checkpoint_uri": checkpoint.as_uri()})
-    served = api.get(f"/v1/jobs/{job_id}/trials/trial_0/checkpoint")
-    assert served.status_code == 200
-    assert served.content == b"weights \x00\x01\x02"
-
-    assert api.get(f"/v1/jobs/{job_id}/trials/nope/checkpoint").status_code == 404
-
-
-def test_checkpoint_outside_storage_is_never_served(
+def test_the_best_checkpoint_travels_through_the_service(
     api: httpx.Client, submit: Submit, dispatch: Dispatch, live_server: LiveServer
 ) -> None:
     job_id = submit()["id"]
     worker = dispatch(job_id)
-    outside = live_server.settings.api_token_file
-    worker.put(
-        f"/v1/internal/jobs/{job_id}/trials/t", json={"config": {}, "checkpoint_uri": str(outside)}
+    trial_url = f"/v1/internal/jobs/{job_id}/trials/trial_0"
+    assert worker.put(trial_url, json={"config": {}, "status": "running"}).status_code == 200
+    download = f"/v1/jobs/{job_id}/trials/trial_0/checkpoint"
+
+    missing = api.get(download)
+    assert missing.status_code == 404
+    assert "has no checkpoint" in missing.json()["error"]["message"]
+
+    first, second = checkpoint_bytes(seed=1), checkpoint_bytes(seed=2)
+    assert upload_checkpoint(worker, job_id, "trial_0", epoch=1, content=first).status_code == 200
+    served = api.get(download)
+    assert served.status_code == 200 and served.content == first
+    assert served.headers["x-content-sha256"] == hashlib.sha256(first).hexdigest()
+
+    # A new best epoch replaces it, while the trial still runs; the same upload again, or an
+    # older epoch's arriving late, changes nothing.
+    for epoch, content in [(3, second), (3, second), (2, first)]:
+        response = upload_checkpoint(worker, job_id, "trial_0", epoch=epoch, content=content)
+        assert response.status_code == 200, response.text
+    assert api.get(download).content == second
+    (trial,) = api.get(f"/v1/jobs/{job_id}/trials").json()
+    assert trial["status"] == "running"
+    assert trial["checkpoint"] == {
+        "epoch": 3,
+        "sha256": hashlib.sha256(second).hexdigest(),
+        "bytes": len(second),
+        "url": f"/v1/jobs/{job_id}/trials/trial_0/checkpoint",
+    }
+    # The store keeps the one it serves, nothing of the one it replaced.
+    stored = list(
+        (Path(live_server.settings.resolved_artifacts) / "checkpoints" / job_id).rglob("*")
     )
-    response = api.get(f"/v1/jobs/{job_id}/trials/t/checkpoint")
-    assert response.status_code == 404
-    assert "not in this server's storage" in response.json()["error"]["message"]
+    assert [p.name for p in stored if p.is_file()] == [f"{hashlib.sha256(second).hexdigest()}.pt"]
+    assert api.get(f"/v1/jobs/{job_id}/trials/nope/checkpoint").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "status", "message"),
+    [
+        ({"X-Content-SHA256": "0" * 64}, b"weights", 422, "damaged on the way"),
+        ({}, b"weights", 422, "x-content-sha256"),
+        (
+            {"X-Content-SHA256": hashlib.sha256(b"x" * 2_000_001).hexdigest()},
+            b"x" * 2_000_001,
+            413,
+            "ADVORCH_MAX_UPLOAD_BYTES",
+        ),
+    ],
+    ids=["wrong-checksum", "no-checksum", "too-large"],
+)
+def test_a_damaged_or_oversized_checkpoint_is_refused_and_changes_nothing(
+    api: httpx.Client,
+    submit: Submit,
+    dispatch: Dispatch,
+    headers: dict[str, str],
+    content: bytes,
+    status: int,
+    message: str,
+) -> None:
+    job_id = submit()["id"]
+    worker = dispatch(job_id)
+    assert upload_checkpoint(worker, job_id, "t", epoch=1).status_code == 200
+    before = api.get(f"/v1/jobs/{job_id}/trials/t/checkpoint").content
+
+    response = worker.put(
+        f"/v1/internal/jobs/{job_id}/trials/t/checkpoint",
+        params={"epoch": 2},
+        content=content,
+        headers=headers,
+    )
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+    assert api.get(f"/v1/jobs/{job_id}/trials/t/checkpoint").content == before
+    assert api.get(f"/v1/jobs/{job_id}/trials").json()[0]["checkpoint"]["epoch"] == 1
 
 
 def test_docs_and_health_need_no_token(live_server: LiveServer) -> None:

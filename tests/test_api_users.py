@@ -191,11 +191,11 @@ def test_admin_routes_are_403_for_users(
 
 
 def test_users_see_and_act_on_their_own_jobs_only(
-    api: httpx.Client, make_user: MakeUser, dispatch: Dispatch, storage_dir: Path
+    api: httpx.Client, make_user: MakeUser, dispatch: Dispatch
 ) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     alices = submit_as(alice.http, name="alices-sweep")["id"]
-    play_workers(dispatch(alices), alices, {"t0": (0.0, 0.9, 0.5)}, storage=storage_dir)
+    play_workers(dispatch(alices), alices, {"t0": (0.0, 0.9, 0.5)}, checkpoints=True)
     alices_queued = submit_as(alice.http, name="alices-queued")["id"]
     bobs = submit_as(bob.http, name="bobs-job")["id"]
 

@@ -64,7 +64,6 @@ def test_submit_with_overrides_then_read_everything_back(
     advorch: Callable[..., subprocess.CompletedProcess[str]],
     api: httpx.Client,
     dispatch: Callable[[str], httpx.Client],
-    storage_dir: Path,
     tmp_path: Path,
 ) -> None:
     submitted = advorch(
@@ -85,7 +84,7 @@ def test_submit_with_overrides_then_read_everything_back(
         dispatch(job_id),
         job_id,
         {"trial_0000": (0.0, 0.97, 0.40), "trial_0001": (6.0, 0.95, 0.80)},
-        storage=storage_dir,
+        checkpoints=True,
     )
 
     listing = advorch("jobs")
@@ -112,7 +111,6 @@ def test_wait_follows_the_job_to_its_end_and_exits_by_its_outcome(
     advorch: Callable[..., subprocess.CompletedProcess[str]],
     api: httpx.Client,
     dispatch: Callable[[str], httpx.Client],
-    storage_dir: Path,
     tmp_path: Path,
 ) -> None:
     spec = yaml.safe_load(SWEEP_EXAMPLE.read_text())
@@ -126,7 +124,7 @@ def test_wait_follows_the_job_to_its_end_and_exits_by_its_outcome(
             f"trial_000{i}": (beta, 0.9, 0.5 + i / 10)
             for i, beta in enumerate([0.0, 1.0, 3.0, 6.0])
         }
-        play_workers(dispatch(job_id), job_id, results, storage=storage_dir)
+        play_workers(dispatch(job_id), job_id, results, checkpoints=True)
 
     workers = threading.Thread(target=play_the_workers)
     workers.start()

@@ -94,7 +94,7 @@ def test_retries_while_the_service_is_away(service: ScriptedService, status: int
     assert service.requests[0]["json"] == service.requests[2]["json"]
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
 def test_does_not_retry_what_retrying_cannot_change(service: ScriptedService, status: int) -> None:
     service.script = [status]
     with pytest.raises(ReportRejected) as raised:
@@ -104,8 +104,11 @@ def test_does_not_retry_what_retrying_cannot_change(service: ScriptedService, st
     assert len(service.requests) == 1
 
 
-def test_a_conflict_means_the_job_takes_no_more_reports(service: ScriptedService) -> None:
-    service.script = [409]
+@pytest.mark.parametrize("status", [403, 409])
+def test_forbidden_or_conflict_means_the_job_takes_no_more_reports(
+    service: ScriptedService, status: int
+) -> None:
+    service.script = [status]
     with pytest.raises(JobClosed):
         reporter_for(service.url).job_event("succeeded", reason="done")
     assert len(service.requests) == 1

@@ -78,7 +78,7 @@ def test_stored_spec_validates_again_unchanged() -> None:
             "sweep": {"parameters": {"training.beta": {"uniform": [0.5, 6.0]}}, "search": "random"},
         }
     )
-    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+    assert JobSpec.model_validate(spec.model_dump(mode="json")).model_dump() == spec.model_dump()
 
 
 # --- through the API ---

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from workers.data import load_dataset
-from workers.evaluate import clean_accuracy
+from workers.evaluate import clean_accuracy, evaluate_robustness
 from workers.models import build_model, load_checkpoint, read_checkpoint_meta
 from workers.spec import JobSpec
 from workers.training import adversarial_train_step, learning_rate, run_training
@@ -25,13 +25,15 @@ EPOCH_METRICS = {
     "lr",
     "epoch_seconds",
     "images_per_second",
+    "best_epoch",
 }
 TIMINGS = {"epoch_seconds", "images_per_second"}
 
 
 @dataclass
 class Run:
-    """What ``run_training`` reported and returned; a copy of each epoch's checkpoint folder."""
+    """What ``run_training`` reported, a copy of each epoch's checkpoint folder, and its best
+    model's test numbers as a trial reports them (PGD at the job's evaluation settings)."""
 
     copies_to: Path
     metrics: list[dict[str, float]] = field(default_factory=list)
@@ -50,7 +52,19 @@ class Run:
 def train(spec: JobSpec, copies_to: Path, **kwargs: Any) -> Run:
     copies_to.mkdir(parents=True)
     run = Run(copies_to)
-    run.result = run_training(spec, run.report, device=torch.device("cpu"), **kwargs)
+    trained = run_training(spec, run.report, device=torch.device("cpu"), **kwargs)
+    if trained.best_model is not None:
+        x, y = load_dataset(spec.dataset.name, "test", kwargs.get("data_root"))
+        epsilon = spec.evaluation.epsilon
+        assert epsilon is not None
+        tested = evaluate_robustness(
+            trained.best_model, x, y, spec.evaluation, epsilon=epsilon, seed=0
+        )
+        run.result = {
+            "clean_acc": tested.clean_acc,
+            "robust_acc": tested.robust_acc,
+            "best_epoch": trained.best_epoch,
+        }
     return run
 
 
@@ -177,9 +191,13 @@ def test_the_last_checkpoint_is_the_best_epochs_model_the_result_was_measured_on
     model = load_checkpoint(last / "best.pt")
 
     assert meta["best_epoch"] == best_epoch
-    assert meta["metrics"] == run.metrics[best_epoch - 1]
+    reported = run.metrics[best_epoch - 1]
+    assert meta["metrics"] == {k: v for k, v in reported.items() if k != "best_epoch"}
     assert (meta["arch"], meta["num_classes"], meta["input_shape"]) == ("small_cnn", 10, [1, 8, 8])
-    assert JobSpec.model_validate(meta["spec"]) == make_spec(method="standard")
+    assert (
+        JobSpec.model_validate(meta["spec"]).model_dump()
+        == make_spec(method="standard").model_dump()
+    )
     x, y = load_dataset("digits", "test")
     assert clean_accuracy(model, x, y) == run.result["clean_acc"]
 
@@ -224,7 +242,7 @@ def test_a_rank_other_than_zero_trains_its_shard_and_reports_without_checkpoints
 
     assert run.result == {}
     assert run.checkpoints == [None, None]
-    expected = EPOCH_METRICS - {"val_clean_acc", "val_robust_acc"}
+    expected = EPOCH_METRICS - {"val_clean_acc", "val_robust_acc", "best_epoch"}
     assert all(set(m) == expected for m in run.metrics)
 
 

@@ -1,10 +1,13 @@
 """L-inf attacks on inputs in [0, 1]: PGD, FGSM (and FGSM-RS) and the TRADES inner maximisation.
 
-Every attack runs inside ``frozen(model)``: BatchNorm in eval mode (the attack must not move
-the running statistics) and no parameter requiring a gradient, so each attack step computes
-the gradient with respect to the input only (``torch.autograd.grad``), never the weight
-gradients a ``loss.backward()`` would. That is most of the speed-up over the textbook loop.
-The model leaves an attack as it came in: same train/eval mode, same buffers, no ``.grad``.
+Every attack runs inside ``frozen(model)``: no parameter requires a gradient, so each attack
+step computes the gradient with respect to the input only (``torch.autograd.grad``), never the
+weight gradients a ``loss.backward()`` would. That is most of the speed-up over the textbook
+loop. BatchNorm is in eval mode by default (``attack_bn="eval"``: the attack uses the running
+statistics and does not move them, as the TRADES code does); ``attack_bn="train"`` leaves the
+model in train mode, batch statistics and running-statistics updates included, as Rice et al.'s
+and Wong et al.'s scripts attack. Evaluation always attacks in eval mode. The model leaves an
+attack in the mode it came in, with no ``.grad``; in eval mode its buffers are untouched too.
 No attack step reads a value back to the host, so on CUDA the steps queue without waiting.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +26,17 @@ from workers.losses import kl_divergence
 
 TRADES_START_STD = 0.001  # the official TRADES start: x + 0.001 * N(0, 1)
 
+AttackBN = Literal["eval", "train"]
+
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode with every parameter's ``requires_grad`` off; both restored after."""
+def frozen(model: nn.Module, attack_bn: AttackBN = "eval") -> Iterator[nn.Module]:
+    """The model with every parameter's ``requires_grad`` off, in eval mode (or train mode, for
+    ``attack_bn="train"``); both restored after."""
     was_training = model.training
     parameters = list(model.parameters())
     required_grad = [p.requires_grad for p in parameters]
-    model.eval()
+    model.train(attack_bn == "train")
     for p in parameters:
         p.requires_grad_(False)
     try:
@@ -50,6 +57,7 @@ def pgd_linf(
     steps: int,
     random_start: bool = True,
     restarts: int = 1,
+    attack_bn: AttackBN = "eval",
 ) -> torch.Tensor:
     """Projected gradient descent on the cross-entropy (Madry et al. 2018) in the L-inf ball
     of radius ``epsilon`` around ``x``, clipped to [0, 1].
@@ -59,7 +67,7 @@ def pgd_linf(
     restarts never make the attack weaker.
     """
     x, y = x.detach(), y.detach()
-    with frozen(model):
+    with frozen(model, attack_bn):
         x_best = _pgd_run(model, x, y, epsilon, step_size, steps, random_start)
         if restarts > 1:
             fooled = _misclassified(model, x_best, y)
@@ -79,6 +87,7 @@ def fgsm(
     epsilon: float,
     step_size: float | None = None,
     random_start: bool = False,
+    attack_bn: AttackBN = "eval",
 ) -> torch.Tensor:
     """FGSM (Goodfellow et al. 2015): one signed-gradient step of ``epsilon`` from ``x``.
 
@@ -93,18 +102,25 @@ def fgsm(
         step_size=epsilon if step_size is None else step_size,
         steps=1,
         random_start=random_start,
+        attack_bn=attack_bn,
     )
 
 
 def trades_attack(
-    model: nn.Module, x: torch.Tensor, *, epsilon: float, step_size: float, steps: int
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    epsilon: float,
+    step_size: float,
+    steps: int,
+    attack_bn: AttackBN = "eval",
 ) -> torch.Tensor:
     """The TRADES inner maximisation: PGD on KL(f(x) || f(x_adv)) from x + 0.001 * N(0, 1).
 
     It needs no labels: it moves the prediction away from the model's own clean prediction.
     """
     x = x.detach()
-    with frozen(model):
+    with frozen(model, attack_bn):
         with torch.no_grad():
             logits_clean = logits_of(model, x)
         start = _project(x + TRADES_START_STD * torch.randn_like(x), x, epsilon)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from workers.models.normalization import Normalization
+
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
@@ -43,6 +45,14 @@ CIFAR10_VAL_EVERY = 50  # every 50th training image is validation: 1,000 of 50,0
 
 SYNTHETIC_SIZES = {"train": 512, "val": 128, "test": 128}
 SYNTHETIC_SHAPE = (1, 8, 8)
+
+# Each data set's per-channel pixel mean and std (of its training split), for model.normalize:
+# CIFAR-10's as Rice et al.'s train_cifar.py has them; the others measured here.
+NORMALIZATIONS = {
+    "cifar10": Normalization(mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)),
+    "digits": Normalization(mean=(0.3053,), std=(0.3760,)),
+    "synthetic": Normalization(mean=(0.4949,), std=(0.3091,)),
+}
 
 
 def load_dataset(

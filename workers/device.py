@@ -1,12 +1,16 @@
 """Where and how a model runs: the device, bf16 autocast and channels_last on CUDA, DDP unwrap.
 
-Everything runs on the CPU in fp32; on CUDA the same code runs in bf16 autocast with
-channels_last tensors, the two settings that matter most for convolutions on recent GPUs.
+Everything runs on the CPU in fp32; on CUDA training runs in bf16 autocast with channels_last
+tensors, the two settings that matter most for convolutions on recent GPUs. Evaluation runs
+inside ``full_precision()``: validation, test PGD and AutoAttack are fp32 everywhere, as papers
+and RobustBench report them.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -17,9 +21,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Off inside full_precision(): a context variable, so it holds for whatever the block calls.
+_mixed_precision: ContextVar[bool] = ContextVar("advorch_mixed_precision", default=True)
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """fp32 for every forward pass inside the block, on CUDA too (no autocast)."""
+    token = _mixed_precision.set(False)
+    try:
+        yield
+    finally:
+        _mixed_precision.reset(token)
+
+
 def autocast(device: torch.device) -> AbstractContextManager[object]:
-    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16); nothing on the CPU."""
-    if device.type == "cuda":
+    """bf16 autocast on CUDA (no loss scaling needed, unlike fp16), unless inside
+    ``full_precision()``; nothing on the CPU."""
+    if device.type == "cuda" and _mixed_precision.get():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -1,9 +1,11 @@
 """The Ray Job of one advorch job: ``python -m workers.entrypoint``.
 
 The dispatcher submits it with the job's ``JobEnv`` in its environment. It tells the service
-the job is running, runs the Tune sweep, and ends the job ``succeeded``, or ``failed`` with the
-first failed trial's error. It exits 0 exactly when the job succeeded, so when its last post
-cannot reach the service the reconciler still learns the outcome from Ray.
+the job is running, runs the Tune sweep (or an evaluate job's task), reports each trial that
+ended in an error with why (its process may be gone, lost with its node, so nothing else
+can), and ends the job ``succeeded``, or ``failed`` with the failed trials' errors. It exits 0
+exactly when the job succeeded, so when its last post cannot reach the service the reconciler
+still learns the outcome from Ray.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import ray
 
+from workers.evaluation_job import run_evaluation_job
 from workers.job_env import JobEnv
 from workers.reporter import JobClosed, Reporter
 from workers.spec import JobSpec
@@ -48,18 +51,23 @@ def run_job(env: JobEnv, reporter: Reporter) -> int:
     spec = JobSpec.model_validate_json(env.spec_json)
     ray.init()  # the cluster this Ray Job runs on
     use_gpu = uses_gpu(spec.resources.use_gpu)
+    device = "GPU" if use_gpu else "CPU"
+    if spec.kind == "evaluate":
+        reporter.job_event("running", reason=f"the evaluation started on Ray ({device})")
+        run_evaluation_job(spec, use_gpu=use_gpu)
+        reporter.job_event("succeeded", reason="the model was attacked at every epsilon")
+        return 0
     reporter.job_event(
-        "running",
-        reason=f"a Tune sweep of {spec.num_trials()} trial(s) started on Ray "
-        f"({'GPU' if use_gpu else 'CPU'})",
+        "running", reason=f"a Tune sweep of {spec.num_trials()} trial(s) started on Ray ({device})"
     )
     results = run_sweep(spec, env, use_gpu=use_gpu)
     trials = [results[i] for i in range(len(results))]
-    failures = [
-        f"{Path(trial.path).name}: {failure_message(trial.error)}"
-        for trial in trials
-        if trial.error is not None
-    ]
+    failures = []
+    for trial in trials:
+        if trial.error is not None:
+            key, message = Path(trial.path).name, failure_message(trial.error)
+            reporter.trial(key, config={}, status="failed", error=message)
+            failures.append(f"{key}: {message}")
     if failures:
         shown = failures[:MAX_ERRORS_SHOWN]
         if len(failures) > len(shown):

@@ -9,6 +9,7 @@ service can build one without importing Ray Tune or torch.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,9 +32,11 @@ class JobEnv:
     service_url: str
     # The job-scoped token that opens this job's internal routes, and only them.
     worker_token: str
-    # The resolved JobSpec, as JSON.
+    # The JobSpec as the user submitted it (JobSpec.submitted()), as JSON: each trial resolves
+    # its own defaults from it.
     spec_json: str
-    # The service's checkpoint storage folder; shared storage on a cluster.
+    # Where Ray Train and Tune keep their runs and resume checkpoints: a folder (shared on a
+    # cluster) or a URI Ray's storage takes (s3://...).
     storage_uri: str
     # Where data sets such as cifar-10-batches-py live.
     data_dir: str
@@ -48,10 +51,11 @@ class JobEnv:
             raise RuntimeError(f"not started by the advorch dispatcher: {', '.join(missing)} unset")
         return cls(**{field: environ[name] for field, name in ENV_VARS.items()})
 
-    def best_checkpoint_path(self, trial_key: str) -> Path:
-        """Where a trial's best checkpoint is kept, for the service to serve (a file in the
-        storage folder, which the service must see too)."""
-        return Path(self.storage_uri) / self.job_id / trial_key / "best.pt"
+    def scratch_dir(self, trial_key: str) -> Path:
+        """A folder of this node's own for a trial's working files (AutoAttack's state, an
+        evaluate job's model): it outlives the trial's process, so a restart on the same node
+        finds what the last run left there."""
+        return Path(tempfile.gettempdir()) / "advorch" / self.job_id / trial_key
 
     @property
     def ray_storage_path(self) -> str:

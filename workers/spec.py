@@ -2,16 +2,27 @@
 
 One set of pydantic models, strict: unknown fields and wrong types are errors, and every error
 carries the path of the field (``training.epsilon``). Defaults fill what is left out and are
-*resolved* here (``step_size``, ``beta``, the evaluation epsilon), so the stored spec says
-exactly what ran. Policy limits (max epochs, trials, workers, batch size) are the service's
-settings and are checked there, not here.
+*resolved* here (``step_size``, ``attack_steps``, ``beta``, the evaluation epsilon, the model's
+input normalisation), so the stored spec says exactly what ran. Policy limits (max epochs,
+trials, workers, batch size) are the service's settings and are checked there, not here.
+
+A job is of one of two kinds:
+
+    train     (the default) a sweep of training trials, each evaluated on the test split
+    evaluate  no training: attack one given model at a list of epsilons (a robustness curve)
+
+A spec also keeps the document it was made from (``submitted()``): a trial of a sweep is the
+*submitted* spec with the trial's overrides, resolved again, so that a trial of another method
+or epsilon gets that method's defaults, not the base method's (see ``trial_spec``).
 
 This module imports only pydantic, so the API can validate specs without torch or Ray.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -20,13 +31,24 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 Method = Literal["standard", "pgd_at", "trades", "fgsm_rs"]
 ADVERSARIAL_METHODS: frozenset[str] = frozenset({"pgd_at", "trades", "fgsm_rs"})
+# The methods whose loss weighs a robustness term by beta, and beta's default for each.
+BETA_DEFAULTS: dict[str, float] = {"trades": 6.0}
+# The attack's steps when the spec leaves them out: 10 in training (Rice et al. use PGD-10,
+# TRADES 10 steps); FGSM-RS is one step by definition.
+DEFAULT_ATTACK_STEPS = 10
+# The field that tells a sweep's repeats apart: each repeat has its own seed.
+SEED_PATH = "training.seed"
+# The most epsilons one evaluate job attacks at.
+MAX_CURVE_POINTS = 32
 
 # Strict types, but a whole number is accepted where a float is expected (YAML writes 1 for 1.0).
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -36,6 +58,10 @@ Epsilon = Annotated[float, Field(gt=0, le=1)]
 Range = Annotated[
     tuple[float, float], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)
 ]
+# A job id (32 hex digits) or a trial key (trial_0003): what an evaluate job's source names.
+JobId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+TrialKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
+ModelId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 class StrictModel(BaseModel):
@@ -57,6 +83,10 @@ class DatasetSpec(StrictModel):
 
 class ModelSpec(StrictModel):
     arch: Literal["small_cnn", "preact_resnet18", "wrn_34_10"] = "small_cnn"
+    # The data set's normalisation (workers.data.NORMALIZATIONS) as the model's first layer, so
+    # that attacks keep working on pixels in [0, 1]; None resolves to on for cifar10, as its
+    # recipes train, and off for the others (their pixels are used as they are).
+    normalize: bool | None = None
 
 
 class OptimizerSpec(StrictModel):
@@ -77,28 +107,36 @@ class TrainingSpec(StrictModel):
     # None resolves to the field's usual choice: epsilon / 4 for PGD (2/255 at 8/255) and TRADES,
     # 1.25 * epsilon for FGSM-RS (Wong et al. 2020).
     step_size: PositiveFloat | None = None
-    attack_steps: Annotated[int, Field(ge=1)] = 10
+    # None resolves to 10; FGSM-RS always takes 1.
+    attack_steps: Annotated[int, Field(ge=1)] | None = None
     # TRADES only; None resolves to 6.0 (Zhang et al.) for trades and stays None otherwise.
     beta: Annotated[float, Field(ge=0)] | None = None
+    # BatchNorm while the training attack runs: "eval" uses the running statistics and leaves
+    # them alone (the TRADES code); "train" uses the batch's statistics and updates the running
+    # ones, as Rice et al.'s and Wong et al.'s scripts do (their model stays in train mode).
+    attack_bn: Literal["eval", "train"] = "eval"
     seed: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _resolve_defaults(self) -> TrainingSpec:
-        if self.beta is not None and self.method != "trades":
+        if self.beta is not None and self.method not in BETA_DEFAULTS:
             raise field_error(
                 ("beta",), f"beta is a TRADES parameter; method {self.method!r} has none", self.beta
             )
-        if self.method == "trades" and self.beta is None:
-            self.beta = 6.0
+        if self.beta is None and self.method in BETA_DEFAULTS:
+            self.beta = BETA_DEFAULTS[self.method]
         if self.step_size is None:
             self.step_size = 1.25 * self.epsilon if self.method == "fgsm_rs" else self.epsilon / 4
         if self.method == "fgsm_rs":
             self.attack_steps = 1
+        elif self.attack_steps is None:
+            self.attack_steps = DEFAULT_ATTACK_STEPS
         return self
 
 
 class EvaluationSpec(StrictModel):
-    """PGD on the test split at one fixed epsilon per job, so every trial of a sweep compares."""
+    """How trials (or an evaluate job's model) are attacked on the test split: PGD at one fixed
+    epsilon per job, so every trial of a sweep compares, and optionally AutoAttack."""
 
     # None resolves to the job's base training.epsilon (before any sweep override).
     epsilon: Epsilon | None = None
@@ -106,17 +144,44 @@ class EvaluationSpec(StrictModel):
     step_size: PositiveFloat | None = None
     attack_steps: Annotated[int, Field(ge=1)] = 20
     restarts: Annotated[int, Field(ge=1)] = 1
+    # AutoAttack "standard" (Croce and Hein 2020, their own code: pyautoattack) after PGD.
     autoattack: bool = False
+    # The first N test images AutoAttack attacks; None: the whole test split.
+    autoattack_examples: Annotated[int, Field(ge=1)] | None = None
+    # Evaluate jobs only: the epsilons of the robustness curve, which always holds ``epsilon``
+    # (the job's headline numbers; by default the curve's largest epsilon).
+    epsilons: Annotated[list[Epsilon], Field(min_length=1, max_length=MAX_CURVE_POINTS)] | None = (
+        None
+    )
 
     @model_validator(mode="after")
-    def _no_unmeasured_autoattack(self) -> EvaluationSpec:
-        if self.autoattack:
-            # Never report a robust accuracy we did not attack for: there is no AutoAttack here yet.
-            raise field_error(
-                ("autoattack",),
-                "AutoAttack is not available yet; use attack_steps and restarts",
-                True,
-            )
+    def _distinct_epsilons(self) -> EvaluationSpec:
+        if self.epsilons is not None:
+            if len(set(self.epsilons)) != len(self.epsilons):
+                raise field_error(("epsilons",), "epsilons must be distinct", self.epsilons)
+            self.epsilons = sorted(self.epsilons)
+        return self
+
+    def step_size_at(self, epsilon: float) -> float:
+        """The PGD step at ``epsilon``: the job's step-size-to-epsilon ratio (1/4 by default)."""
+        assert self.epsilon is not None and self.step_size is not None, "resolved by JobSpec"
+        return self.step_size / self.epsilon * epsilon
+
+
+class SourceSpec(StrictModel):
+    """The model an evaluate job attacks: the best checkpoint of an earlier trial
+    (``job`` and ``trial``) or a model file uploaded to ``POST /v1/models`` (``model``)."""
+
+    job: JobId | None = None
+    trial: TrialKey | None = None
+    model: ModelId | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceSpec:
+        if self.model is not None and (self.job is not None or self.trial is not None):
+            raise ValueError("give either model, or job and trial, not both")
+        if self.model is None and (self.job is None or self.trial is None):
+            raise ValueError("give model (an uploaded model's id), or both job and trial")
         return self
 
 
@@ -158,6 +223,8 @@ class ParameterSpace(StrictModel):
 class SweepSpec(StrictModel):
     parameters: dict[str, ParameterSpace] = Field(min_length=1)
     search: Literal["grid", "random", "optuna"] = "grid"
+    # Repeats of the grid (grid search) or samples drawn (random, optuna); each repeat trains
+    # with its own seed: training.seed plus the repeat's index.
     num_samples: Annotated[int, Field(ge=1)] = 1
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: Literal["robust_acc", "clean_acc"] = "robust_acc"
@@ -178,6 +245,10 @@ class SweepSpec(StrictModel):
         grid_sizes = [len(s.grid) for s in self.parameters.values() if s.grid is not None]
         return math.prod(grid_sizes) * self.num_samples
 
+    def repeats_by_seed(self) -> bool:
+        """Whether a grid's repeats are a grid over the seed (unless the sweep sets seeds)."""
+        return self.search == "grid" and self.num_samples > 1 and SEED_PATH not in self.parameters
+
 
 class ResourcesSpec(StrictModel):
     num_workers: Annotated[int, Field(ge=1)] = 1
@@ -185,8 +256,13 @@ class ResourcesSpec(StrictModel):
     cpus_per_worker: PositiveFloat = 1.0
 
 
+# The sections only a training job has; an evaluate job that gives one is refused.
+TRAINING_ONLY_SECTIONS = ("model", "training", "sweep")
+
+
 class JobSpec(StrictModel):
     name: Annotated[str, Field(min_length=1, max_length=200)]
+    kind: Literal["train", "evaluate"] = "train"
     dataset: DatasetSpec = DatasetSpec()
     model: ModelSpec = ModelSpec()
     training: TrainingSpec = TrainingSpec()
@@ -197,16 +273,63 @@ class JobSpec(StrictModel):
     # jobs of one priority, the user with the fewest jobs on Ray goes first. Only admins may
     # submit high (the service checks that: a spec knows no users).
     priority: Literal["low", "normal", "high"] = "normal"
+    # Evaluate jobs only: the model to attack.
+    source: SourceSpec | None = None
+
+    # The document this spec was validated from, as given (see ``submitted``).
+    _submitted: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_submitted(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> JobSpec:
+        spec: JobSpec = handler(data)
+        if isinstance(data, JobSpec):  # already validated: it keeps its own
+            return spec
+        if isinstance(data, str | bytes):
+            data = json.loads(data)
+        spec._submitted = copy.deepcopy(data) if isinstance(data, dict) else spec.model_dump()
+        return spec
 
     @model_validator(mode="after")
-    def _resolve_and_check_sweep(self) -> JobSpec:
+    def _resolve_and_check(self) -> JobSpec:
+        if self.kind == "evaluate" and self.evaluation.epsilon is None and self.evaluation.epsilons:
+            # An evaluate job's headline numbers: at the curve's largest epsilon, unless given.
+            self.evaluation.epsilon = self.evaluation.epsilons[-1]
         if self.evaluation.epsilon is None:
             self.evaluation.epsilon = self.training.epsilon
         if self.evaluation.step_size is None:
             self.evaluation.step_size = self.evaluation.epsilon / 4
+        if self.model.normalize is None:
+            self.model.normalize = self.dataset.name == "cifar10"
+        if self.kind == "evaluate":
+            self._check_evaluate_job()
+        else:
+            self._check_training_job()
+        return self
+
+    def _check_training_job(self) -> None:
+        if self.source is not None:
+            raise field_error(("source",), "only an evaluate job takes a source", "source")
+        if self.evaluation.epsilons is not None:
+            message = "only an evaluate job takes a list of epsilons; use evaluation.epsilon"
+            raise field_error(("evaluation", "epsilons"), message, self.evaluation.epsilons)
         if self.sweep is not None:
             self._check_sweep_values(self.sweep)
-        return self
+
+    def _check_evaluate_job(self) -> None:
+        if self.source is None:
+            message = "an evaluate job needs the model to attack: {model: ID} or {job, trial}"
+            raise field_error(("source",), message, None)
+        for section in TRAINING_ONLY_SECTIONS:
+            if section in self.model_fields_set:
+                message = "an evaluate job trains nothing; the model comes from its source"
+                raise field_error((section,), message, section)
+        if self.resources.num_workers != 1:
+            message = "an evaluate job runs on one worker"
+            raise field_error(("resources", "num_workers"), message, self.resources.num_workers)
+        # The curve holds the headline epsilon too.
+        epsilons = set(self.evaluation.epsilons or []) | {self.evaluation.epsilon}
+        self.evaluation.epsilons = sorted(epsilons)  # type: ignore[arg-type]
 
     def _check_sweep_values(self, sweep: SweepSpec) -> None:
         """Every value a sweep can give must make a valid trial: a bad grid value is an error
@@ -225,25 +348,51 @@ class JobSpec(StrictModel):
                     )
                     raise field_error(loc, f"value {value!r} is invalid ({reason})", value) from err
 
+    def submitted(self) -> dict[str, Any]:
+        """The document as the user wrote it, defaults not filled in: what workers are given,
+        so each trial resolves its own defaults."""
+        return copy.deepcopy(self._submitted)
+
     def num_trials(self) -> int:
         return 1 if self.sweep is None else self.sweep.num_trials()
 
-    def trial_spec(self, overrides: dict[str, Any]) -> JobSpec:
-        """The spec one trial runs: this one with dotted-path fields replaced
-        (``{"training.beta": 3.0}``), revalidated, and no sweep.
+    def sampled_trial_seed(self, trial_number: int) -> int | None:
+        """The seed of a sampled trial (random or optuna search, several samples): each draws
+        its own, training.seed plus its number. None where the search or the config sets it."""
+        sweep = self.sweep
+        if sweep is None or sweep.search == "grid" or sweep.num_samples == 1:
+            return None
+        if SEED_PATH in sweep.parameters:
+            return None
+        return self.training.seed + trial_number
 
-        The evaluation epsilon stays the job's, so trials of a sweep over training.epsilon
-        are all attacked at the same radius and compare. A sweep over training.epsilon keeps
-        the step-size-to-epsilon ratio, unless it sweeps training.step_size too.
+    def trial_spec(self, overrides: dict[str, Any]) -> JobSpec:
+        """The spec one trial runs: the submitted spec with dotted-path fields replaced
+        (``{"training.beta": 3.0}``), resolved again, without the sweep.
+
+        Defaults follow the trial's own values: a ``pgd_at`` trial of a sweep based on
+        ``fgsm_rs`` takes PGD's step size and steps, and beta goes only to the methods that
+        have one. A sweep over training.epsilon keeps the step-size-to-epsilon ratio (epsilon / 4
+        unless the spec sets step_size; then the spec's ratio), unless it sweeps
+        training.step_size too. The evaluation stays the job's, so trials of a sweep over
+        training.epsilon are all attacked at the same radius and compare.
         """
-        data = self.model_dump()
-        data["sweep"] = None
+        data = self.submitted()
+        data.pop("sweep", None)
+        data["evaluation"] = self.evaluation.model_dump()
+        training = data.setdefault("training", {})
         new_epsilon = overrides.get("training.epsilon")
-        if new_epsilon is not None and "training.step_size" not in overrides:
+        if (
+            new_epsilon is not None
+            and "step_size" in training
+            and "training.step_size" not in overrides
+        ):
             ratio = self.training.step_size / self.training.epsilon  # type: ignore[operator]
-            data["training"]["step_size"] = ratio * new_epsilon
+            training["step_size"] = ratio * new_epsilon
         for path, value in overrides.items():
             data = _set_path(data, path.split("."), value)
+        if data["training"].get("method", "pgd_at") not in BETA_DEFAULTS:
+            data["training"].pop("beta", None)
         return JobSpec.model_validate(data)
 
 

@@ -2,7 +2,9 @@
 a ``Tuner`` over ``workers.trial.run_trial``.
 
     grid, random  Tune's variant generator: every grid combination, ``num_samples`` times,
-                  with ``choice`` and ranges sampled (seeded by ``training.seed``)
+                  with ``choice`` and ranges sampled (seeded by ``training.seed``); the
+                  repeats of a grid are a grid over the seed, training.seed plus the repeat's
+                  index, so that they are repeats and not the same run again
     optuna        Optuna's TPE sampler proposes each trial from the results so far
     fifo, asha    the scheduler: run every trial to the end, or stop weak ones early (ASHA,
                   by epoch)
@@ -14,6 +16,7 @@ Search and scheduler maximise the sweep's metric per epoch on the validation spl
 from __future__ import annotations
 
 from contextlib import closing
+from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
@@ -29,38 +32,57 @@ from ray.tune.search.optuna import OptunaSearch
 
 from workers.job_env import JobEnv
 from workers.reporter import Reporter
-from workers.spec import JobSpec, ParameterSpace, SweepSpec
-from workers.trial import plain_config, run_trial
+from workers.spec import SEED_PATH, JobSpec, ParameterSpace, SweepSpec
+from workers.trial import run_trial, runs_locally
 
-# A trial's own process only waits on its Train workers, which reserve the CPUs the training
-# uses. It reserves no CPU (even 0.01 of one would keep two 1-CPU trials from sharing two
-# cores), only the memory it holds; Tune wants some resource in every trial's request.
+# A multi-worker trial's own process only waits on its Train workers, which reserve the CPUs
+# the training uses. It reserves no CPU (even 0.01 of one would keep two 1-CPU trials from
+# sharing two cores), only the memory it holds; Tune wants some resource in every request.
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 512 * 2**20}
+# How often Tune runs a trial again, from its last checkpoint, after it failed: its process or
+# node was lost (an error of the training itself fails again).
+MAX_TRIAL_FAILURES = 1
 
 
 def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
     """Run every trial of the job; returns Tune's results (one per trial, errors included)."""
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, use_gpu=use_gpu), TRIAL_DRIVER_RESOURCES
+        tune.with_parameters(run_trial, use_gpu=use_gpu), trial_resources(spec, use_gpu=use_gpu)
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=search_space(spec.sweep),
+        param_space=search_space(spec),
         tune_config=tune_config(spec),
         run_config=tune.RunConfig(
             name=f"{env.job_id}-sweep",
             storage_path=env.ray_storage_path,
+            failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[ReportStoppedTrials(env, epochs=spec.training.epochs)],
         ),
     )
     return tuner.fit()
 
 
-def search_space(sweep: SweepSpec | None) -> dict[str, Any]:
-    """Tune's param_space: each swept field, by dotted path, as a Tune domain."""
+def trial_resources(spec: JobSpec, *, use_gpu: bool) -> dict[str, float]:
+    """What a trial's own process reserves: the worker's CPUs (and GPU) when it trains itself
+    (one worker, Train's local mode), else only its memory (its Train workers reserve the rest)."""
+    if runs_locally(spec):
+        return {"cpu": spec.resources.cpus_per_worker, "gpu": 1 if use_gpu else 0}
+    return TRIAL_DRIVER_RESOURCES
+
+
+def search_space(spec: JobSpec) -> dict[str, Any]:
+    """Tune's param_space: each swept field, by dotted path, as a Tune domain; a grid's
+    repeats as a grid over their seeds."""
+    sweep = spec.sweep
     if sweep is None:
         return {}
-    return {path: _domain(space) for path, space in sweep.parameters.items()}
+    space = {path: _domain(s) for path, s in sweep.parameters.items()}
+    if sweep.repeats_by_seed():
+        seed = spec.training.seed
+        space[SEED_PATH] = tune.grid_search([seed + i for i in range(sweep.num_samples)])
+    return space
 
 
 def _domain(space: ParameterSpace) -> Any:
@@ -77,15 +99,18 @@ def _domain(space: ParameterSpace) -> Any:
 def tune_config(spec: JobSpec) -> tune.TuneConfig:
     sweep = spec.sweep
     if sweep is None:
-        return tune.TuneConfig(trial_name_creator=trial_key, trial_dirname_creator=trial_key)
+        key = TrialKey(first_number=0)
+        return tune.TuneConfig(trial_name_creator=key, trial_dirname_creator=key)
+    # Tune's variant generator numbers its trials from 0, its searchers (Optuna) from 1.
+    key = TrialKey(first_number=1 if sweep.search == "optuna" else 0)
     return tune.TuneConfig(
         metric=f"val_{sweep.metric}",
         mode="max",
         search_alg=_search_algorithm(sweep, seed=spec.training.seed),
         scheduler=_scheduler(sweep, epochs=spec.training.epochs),
-        num_samples=sweep.num_samples,
-        trial_name_creator=trial_key,
-        trial_dirname_creator=trial_key,
+        num_samples=1 if sweep.repeats_by_seed() else sweep.num_samples,
+        trial_name_creator=key,
+        trial_dirname_creator=key,
     )
 
 
@@ -101,16 +126,23 @@ def _search_algorithm(sweep: SweepSpec, *, seed: int) -> SearchAlgorithm:
 
 def _scheduler(sweep: SweepSpec, *, epochs: int) -> TrialScheduler:
     if sweep.scheduler == "asha":
-        return ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=1)
+        # One past the last epoch: ASHA stops a trial that reaches max_t, and a trial that
+        # trained to its end must still be evaluated on the test split after its last report.
+        return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=1)
     return FIFOScheduler()
 
 
-def trial_key(trial: Trial) -> str:
-    """A trial's key, the name the service knows it by: its place in the order the search
-    made the trials (``trial_0003``), the same when the sweep is restored."""
-    # Tune's experiment tag starts with that counter: "3_training.beta=6.0000".
-    number = int(trial.experiment_tag.split("_", 1)[0])
-    return f"trial_{number:04d}"
+@dataclass(frozen=True)
+class TrialKey:
+    """A trial's key, the name the service knows it by: its place in the order the search made
+    the trials, from 0 (``trial_0003``), the same when the sweep is restored."""
+
+    first_number: int
+
+    def __call__(self, trial: Trial) -> str:
+        # Tune's experiment tag starts with the search's counter: "3_training.beta=6.0000".
+        number = int(trial.experiment_tag.split("_", 1)[0]) - self.first_number
+        return f"trial_{number:04d}"
 
 
 class ReportStoppedTrials(tune.Callback):
@@ -131,5 +163,8 @@ class ReportStoppedTrials(tune.Callback):
         if last_epoch < self.epochs:
             with closing(Reporter.for_job(self.env)) as reporter:
                 reporter.trial(
-                    trial_key(trial), config=plain_config(trial.config), status="stopped"
+                    str(trial),  # the trial's name: its key (TrialKey)
+                    config={},  # as the trial reported it (with the seed it was given)
+                    status="stopped",
+                    reason=f"stopped early by ASHA after epoch {last_epoch} of {self.epochs}",
                 )

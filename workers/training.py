@@ -4,8 +4,10 @@
             step of the training loss on the result, in train mode.
     epoch:  a fresh permutation of the device-resident training split, augmented on the
             device, the learning rate set per step from the schedule.
-    run:    epochs, validation clean and PGD accuracy after each, the best epoch by validation
-            robust accuracy kept, and at the end that model's clean and PGD accuracy on test.
+    run:    epochs, validation clean and PGD accuracy after each, and the best epoch by
+            validation robust accuracy kept (a copy of its model, and its checkpoint). The test
+            split is not touched here: ``workers.evaluate.evaluate_robustness`` attacks the best
+            model on it once training is over, so nothing is ever chosen by a test number.
 
 Metrics are accumulated on the device and read back once per epoch, so on CUDA no step
 waits for the host.
@@ -19,6 +21,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.attacks import fgsm, pgd_linf, trades_attack
-from workers.data import AUGMENTATIONS, NUM_CLASSES, Augmentation, augment, load_dataset
+from workers.attacks import AttackBN, fgsm, pgd_linf, trades_attack
+from workers.data import (
+    AUGMENTATIONS,
+    NORMALIZATIONS,
+    NUM_CLASSES,
+    Augmentation,
+    augment,
+    load_dataset,
+)
 from workers.device import default_device, logits_of, memory_format, place_model, unwrap
 from workers.evaluate import clean_accuracy, robust_accuracy
 from workers.losses import trades_loss
@@ -57,12 +67,14 @@ def adversarial_train_step(
     step_size: float,
     steps: int,
     beta: float = 6.0,
+    attack_bn: AttackBN = "eval",
 ) -> dict[str, torch.Tensor]:
     """One optimizer step of ``method`` on the batch ``(x, y)``; leaves the model in train mode.
 
     ``method``: ``standard`` (clean inputs), ``pgd_at`` (PGD-``steps`` from a uniform random
     start, Madry et al.), ``trades`` (the KL attack and the TRADES loss with ``beta``) or
     ``fgsm_rs`` (one FGSM step of ``step_size`` from a uniform random start, Wong et al.).
+    ``attack_bn``: BatchNorm's mode while the attack runs (see ``workers.attacks``).
     Returns 0-dim tensors on the device, not floats, so that no step waits for the host:
     ``loss`` and ``acc`` (accuracy on the inputs trained on: adversarial ones, or clean ones
     for ``standard``).
@@ -74,11 +86,23 @@ def adversarial_train_step(
     if method == "standard":
         x_train = x
     elif method == "pgd_at":
-        x_train = pgd_linf(attacked, x, y, epsilon=epsilon, step_size=step_size, steps=steps)
+        x_train = pgd_linf(
+            attacked, x, y, epsilon=epsilon, step_size=step_size, steps=steps, attack_bn=attack_bn
+        )
     elif method == "fgsm_rs":
-        x_train = fgsm(attacked, x, y, epsilon=epsilon, step_size=step_size, random_start=True)
+        x_train = fgsm(
+            attacked,
+            x,
+            y,
+            epsilon=epsilon,
+            step_size=step_size,
+            random_start=True,
+            attack_bn=attack_bn,
+        )
     elif method == "trades":
-        x_train = trades_attack(attacked, x, epsilon=epsilon, step_size=step_size, steps=steps)
+        x_train = trades_attack(
+            attacked, x, epsilon=epsilon, step_size=step_size, steps=steps, attack_bn=attack_bn
+        )
     else:
         raise ValueError(f"unknown method {method!r}")
 
@@ -152,8 +176,9 @@ def train_one_epoch(
             method=training.method,
             epsilon=training.epsilon,
             step_size=_resolved(training.step_size),
-            steps=training.attack_steps,
+            steps=int(_resolved(training.attack_steps)),
             beta=training.beta if training.beta is not None else 0.0,
+            attack_bn=training.attack_bn,
         )
         loss_sum += out["loss"] * len(batch)
         correct_sum += out["acc"] * len(batch)
@@ -185,6 +210,16 @@ def pgd_settings(evaluation: EvaluationSpec) -> dict[str, Any]:
     }
 
 
+@dataclass
+class TrainingResult:
+    """What a run leaves: its best epoch by validation robust accuracy, that epoch's metrics,
+    and on rank 0 a copy of that epoch's model (in eval mode; None on other ranks)."""
+
+    best_epoch: int
+    best_metrics: dict[str, float]
+    best_model: nn.Module | None
+
+
 def run_training(
     spec: JobSpec,
     report: Report,
@@ -195,26 +230,26 @@ def run_training(
     rank: int = 0,
     world_size: int = 1,
     wrap_model: Callable[[nn.Module], nn.Module] | None = None,
-) -> dict[str, float]:
+) -> TrainingResult:
     """Train ``spec`` (its dataset, model, training and evaluation parts) epoch by epoch.
 
     After every epoch, every rank calls ``report(metrics, checkpoint_dir)``: ``metrics`` has
     ``epoch`` (1-based), ``train_loss``, ``train_acc``, ``lr``, ``epoch_seconds`` and
-    ``images_per_second`` (all ranks together), and on rank 0 ``val_clean_acc`` and
-    ``val_robust_acc``. On rank 0 ``checkpoint_dir`` is a fresh temporary directory holding
-    ``best.pt`` (the best model so far by validation robust accuracy, for
-    ``load_checkpoint``) and ``state.pt`` (what ``resume_from`` needs to continue after this
-    epoch); it is removed after ``report`` returns, so ``report`` copies or moves it to keep
-    it. Other ranks get ``None``.
+    ``images_per_second`` (all ranks together), and on rank 0 ``val_clean_acc``,
+    ``val_robust_acc`` and ``best_epoch`` (the best so far). On rank 0 ``checkpoint_dir`` is
+    a fresh temporary directory holding ``best.pt`` (the best model so far by validation
+    robust accuracy, for ``load_checkpoint``) and ``state.pt`` (what ``resume_from`` needs to
+    continue after this epoch); it is removed after ``report`` returns, so ``report`` copies or
+    moves it to keep it. Other ranks get ``None``.
 
     With ``world_size`` > 1 each rank trains on ``x[rank::world_size]`` with a batch of
     ``batch_size // world_size``, so the global batch and the steps per epoch stay the
     spec's; ``wrap_model`` (e.g. ``ray.train.torch.prepare_model``) makes the model
     DistributedDataParallel. Rank 0 validates alone, on the plain module.
 
-    Returns, on rank 0, ``clean_acc``, ``robust_acc`` (on the test split) and ``best_epoch``
-    of the best epoch's model; ``{}`` on other ranks. Runs with the same ``training.seed`` give
-    the same metrics on the CPU, resumed or not.
+    Returns the best epoch, its validation metrics and (rank 0) its model; evaluate that on
+    the test split with ``workers.evaluate.evaluate_robustness``. Runs with the same
+    ``training.seed`` give the same metrics on the CPU, resumed or not.
     """
     device = device or default_device()
     training = spec.training
@@ -227,8 +262,12 @@ def run_training(
     y_train = y_train[rank::world_size].to(device)
     input_shape = tuple(x_train.shape[1:])
 
+    normalization = NORMALIZATIONS[spec.dataset.name] if spec.model.normalize else None
     model = build_model(
-        spec.model.arch, num_classes=NUM_CLASSES[spec.dataset.name], in_channels=input_shape[0]
+        spec.model.arch,
+        num_classes=NUM_CLASSES[spec.dataset.name],
+        in_channels=input_shape[0],
+        normalization=normalization,
     )
     model = place_model(model, device)
     optimizer = torch.optim.SGD(
@@ -251,6 +290,7 @@ def run_training(
         "arch": spec.model.arch,
         "num_classes": NUM_CLASSES[spec.dataset.name],
         "input_shape": input_shape,
+        "normalization": normalization.as_meta() if normalization is not None else None,
         "spec": spec.model_dump(mode="json"),
     }
 
@@ -282,6 +322,7 @@ def run_training(
         metrics |= validate(model, x_val, y_val, spec.evaluation)
         metrics["epoch_seconds"] = time.perf_counter() - started
         best.update(epoch, metrics, model)
+        metrics["best_epoch"] = best.epoch
         if best.metrics["val_robust_acc"] - metrics["val_robust_acc"] > COLLAPSE_DROP:
             log.warning(
                 "epoch %d: validation robust accuracy fell from %.3f (epoch %d) to %.3f; "
@@ -300,15 +341,11 @@ def run_training(
             report(metrics, checkpoint_dir)
 
     if rank != 0:
-        return {}
-    x_test, y_test = load_dataset(spec.dataset.name, "test", data_root)
-    x_test, y_test = x_test.to(device, memory_format=fmt), y_test.to(device)
-    best_model = best.model if best.model is not None else model
-    return {
-        "clean_acc": clean_accuracy(best_model, x_test, y_test),
-        "robust_acc": robust_accuracy(best_model, x_test, y_test, **pgd_settings(spec.evaluation)),
-        "best_epoch": float(best.epoch),
-    }
+        return TrainingResult(best_epoch=0, best_metrics={}, best_model=None)
+    assert best.model is not None, "rank 0 validated every epoch"
+    return TrainingResult(
+        best_epoch=best.epoch, best_metrics=dict(best.metrics), best_model=best.model.eval()
+    )
 
 
 class Best:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api.deps import (
+    ArtifactsDep,
     CurrentUserDep,
     RayJobsDep,
     SessionDep,
@@ -18,6 +19,8 @@ from api.deps import (
 )
 from api.errors import error_responses
 from api.schemas import (
+    CurvePointPublic,
+    CurvePublic,
     EpochMetricsPublic,
     JobEventPublic,
     JobLogs,
@@ -27,7 +30,8 @@ from api.schemas import (
     TrialKey,
     TrialPublic,
 )
-from service import jobs, users
+from service import jobs, uploads, users
+from service.artifacts import ArtifactStore
 from service.models import JobStatus
 from workers.spec import JobSpec
 
@@ -44,7 +48,9 @@ def submit_job(
     spec: JobSpec, session: SessionDep, settings: SettingsDep, user: CurrentUserDep
 ) -> JobPublic:
     """Queue a job of the caller's; the response holds the spec as resolved (defaults filled).
-    Over one of the caller's limits it is 429, naming the limit; priority high is for admins."""
+    Over one of the caller's limits it is 429, naming the limit; priority high is for admins.
+    An evaluate job's source must be a model or trial checkpoint the caller may use (422)."""
+    uploads.check_source(session, spec, user)
     return JobPublic.from_job(jobs.create_job(session, spec, settings, owner=user))
 
 
@@ -85,7 +91,7 @@ def list_job_events(job: VisibleJobDep) -> list[JobEventPublic]:
 
 @router.get("/{job_id}/trials")
 def list_trials(job: VisibleJobDep) -> list[TrialPublic]:
-    return [TrialPublic.model_validate(trial) for trial in job.trials]
+    return [TrialPublic.from_trial(trial) for trial in job.trials]
 
 
 @router.get("/{job_id}/trials/{trial_key}/metrics")
@@ -99,15 +105,41 @@ def list_trial_metrics(
 
 @router.get(
     "/{job_id}/trials/{trial_key}/checkpoint",
-    response_class=FileResponse,
+    response_class=Response,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def download_checkpoint(
-    job: VisibleJobDep, trial_key: TrialKey, session: SessionDep, settings: SettingsDep
-) -> FileResponse:
-    """The trial's best checkpoint, loadable by ``workers.models.load_checkpoint``."""
-    path = jobs.checkpoint_path(jobs.get_trial(session, job, trial_key), settings)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{trial_key}.pt")
+    job: VisibleJobDep, trial_key: TrialKey, session: SessionDep, store: ArtifactsDep
+) -> Response:
+    """The trial's best model so far (of its best epoch by validation), loadable by
+    ``workers.models.load_checkpoint``, whatever the trial's status; its SHA-256 is in the
+    ``X-Content-SHA256`` header."""
+    trial = jobs.get_trial(session, job, trial_key)
+    return artifact_response(
+        store,
+        jobs.checkpoint_key(trial),
+        filename=f"{job.id}-{trial_key}.pt",
+        sha256=trial.checkpoint_sha256,
+    )
+
+
+def artifact_response(
+    store: ArtifactStore, key: str, *, filename: str, sha256: str | None
+) -> Response:
+    """A file of the artifact store as a download: sent from disk when the store is a folder,
+    streamed from it otherwise."""
+    headers = {"X-Content-SHA256": sha256} if sha256 else {}
+    local = store.local_path(key)
+    if local is not None:
+        if not local.is_file():
+            raise jobs.CheckpointUnavailable(f"{key} is missing from the artifact store")
+        return FileResponse(
+            local, media_type="application/octet-stream", filename=filename, headers=headers
+        )
+    headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return StreamingResponse(
+        store.chunks(key), media_type="application/octet-stream", headers=headers
+    )
 
 
 @router.get("/{job_id}/logs")
@@ -118,5 +150,21 @@ def read_job_logs(job: VisibleJobDep, ray_jobs: RayJobsDep) -> JobLogs:
 
 @router.get("/{job_id}/tradeoff")
 def read_tradeoff(job: VisibleJobDep) -> TradeoffPublic:
-    """Clean against robust accuracy of every finished trial, with the Pareto front."""
+    """Clean against robust accuracy of every configuration with final results, with the
+    Pareto front; the robust axis is AutoAttack's where the job ran it, and says which."""
     return TradeoffPublic.from_job(job)
+
+
+@router.get("/{job_id}/curve")
+def read_curve(job: VisibleJobDep) -> list[CurvePublic]:
+    """The robustness curve (accuracy against epsilon) of an evaluate job's model; points
+    appear as their attacks finish. A training job has none (an empty list)."""
+    return [
+        CurvePublic(
+            trial=trial.key,
+            status=trial.status,
+            points=[CurvePointPublic.model_validate(point) for point in trial.curve],
+        )
+        for trial in job.trials
+        if trial.curve
+    ]

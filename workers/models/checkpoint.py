@@ -1,6 +1,7 @@
-"""One checkpoint file per model: its weights and what is needed to rebuild and use it.
+"""One checkpoint file per model: its weights and what is needed to rebuild and use it; and
+``load_model``, which also takes a ``torch.export`` program (any PyTorch classifier).
 
-The file is a ``torch.save`` of plain data (tensors, numbers, strings, lists, dicts), so
+The checkpoint is a ``torch.save`` of plain data (tensors, numbers, strings, lists, dicts), so
 ``load_checkpoint`` reads it with ``weights_only=True``: loading a downloaded checkpoint runs
 no code from it.
 """
@@ -15,11 +16,13 @@ import torch
 from torch import nn
 
 from workers.device import unwrap
+from workers.model_format import model_format
+from workers.models.normalization import Normalization
 from workers.models.registry import build_model
 
 FORMAT_VERSION = 1
 # What every checkpoint must say to rebuild its model; anything else in meta (the job spec,
-# the best epoch, its metrics) is kept as given.
+# the best epoch, its metrics, the input normalisation) is kept as given.
 REQUIRED_META = ("arch", "num_classes", "input_shape")
 
 
@@ -27,8 +30,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any])
     """Write ``model``'s weights with ``meta`` to ``path``; returns the path.
 
     ``meta`` must hold ``arch`` (a registered name), ``num_classes`` and ``input_shape``
-    (C, H, W); the training loop adds ``spec`` (the job spec, as a dict), ``best_epoch`` and
-    ``metrics``.
+    (C, H, W), and ``normalization`` (``Normalization.as_meta()``) when the model has its input
+    normalisation as its first layer; the training loop adds ``spec`` (the job spec, as a dict),
+    ``best_epoch`` and ``metrics``.
     """
     missing = [key for key in REQUIRED_META if key not in meta]
     if missing:
@@ -65,7 +69,40 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     content = read_checkpoint(path)
     meta = content["meta"]
     model = build_model(
-        meta["arch"], num_classes=meta["num_classes"], in_channels=meta["input_shape"][0]
+        meta["arch"],
+        num_classes=meta["num_classes"],
+        in_channels=meta["input_shape"][0],
+        normalization=Normalization.from_meta(meta.get("normalization")),
     )
     model.load_state_dict(content["state_dict"])
     return model.eval()
+
+
+class ExportedModel(nn.Module):
+    """A ``torch.export`` program as a module. The program fixed its train/eval behaviour when it
+    was exported (export classifiers in eval mode), and the module ``torch.export`` gives back
+    refuses ``.eval()``, so here ``train()``/``eval()`` only set the flag."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.program(x)
+        return out
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        self.training = mode
+        return self
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """Any model file advorch evaluates, on the CPU, in eval mode: an advorch checkpoint or a
+    ``torch.export`` program (``.pt2``) of a classifier that maps images in [0, 1] to logits."""
+    if model_format(path) == "advorch":
+        return load_checkpoint(path)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as err:  # a damaged or foreign archive raises many kinds
+        raise ValueError(f"{path} is not a loadable torch.export program: {err}") from err
+    return ExportedModel(program.module()).eval()

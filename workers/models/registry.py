@@ -8,6 +8,8 @@ from typing import Protocol
 
 from torch import nn
 
+from workers.models.normalization import Normalization, Normalized
+
 
 class ModelConstructor(Protocol):
     def __call__(self, num_classes: int = 10, in_channels: int = 3) -> nn.Module: ...
@@ -32,10 +34,17 @@ def available_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(arch: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """A freshly initialised model of architecture ``arch`` (see ``available_models()``)."""
+def build_model(
+    arch: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    normalization: Normalization | None = None,
+) -> nn.Module:
+    """A freshly initialised model of architecture ``arch`` (see ``available_models()``),
+    behind ``normalization`` as its first layer when given."""
     try:
         constructor = _MODELS[arch]
     except KeyError:
         raise ValueError(f"unknown arch {arch!r}; available: {available_models()}") from None
-    return constructor(num_classes=num_classes, in_channels=in_channels)
+    model = constructor(num_classes=num_classes, in_channels=in_channels)
+    return model if normalization is None else Normalized(model, normalization)

@@ -1,5 +1,6 @@
-"""WideResNet-34-10 (Zagoruyko and Komodakis 2016), the network of TRADES (Zhang et al. 2019)
-and of Madry et al.'s PGD-AT on CIFAR-10, as in TRADES' models/wideresnet.py."""
+"""WideResNet-34-10 (Zagoruyko and Komodakis 2016) as TRADES (Zhang et al. 2019) defines it in
+its models/wideresnet.py: the network of TRADES, TRADES-AWP and most of RobustBench's CIFAR-10
+entries. (Madry et al.'s PGD-AT used a wide ResNet of their own, which differs.)"""
 
 from __future__ import annotations
 
