@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -106,7 +107,23 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route that matched the path; there may be
+        # more than one (GET and POST /v1/jobs), and Allow must list them all.
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, str(exc.detail), headers=headers or None)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the app documents at this request's path (its OpenAPI paths: what the
+    schema promises is what Allow lists)."""
+    path = request.scope["path"]
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 async def _request_validation_error(request: Request, exc: Exception) -> JSONResponse:

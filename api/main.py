@@ -12,10 +12,11 @@ from contextlib import asynccontextmanager
 from importlib.metadata import version
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from api.body_limit import BodySizeLimit
-from api.errors import install_error_handlers
+from api.deps import known_query_parameters_only
+from api.errors import error_responses, install_error_handlers
 from api.request_metrics import RequestMetrics
 from api.routes import audit, health, internal, jobs, metrics, models, users, web
 from service.artifacts import ArtifactStore
@@ -53,6 +54,9 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
         summary="Adversarial training jobs (PGD-AT, TRADES) on Ray, over REST.",
         version=version("advorch"),
         lifespan=lifespan,
+        # Any route may find a body it cannot parse (400).
+        responses=error_responses(400),
+        dependencies=[Depends(known_query_parameters_only)],
     )
     app.state.settings = settings
     app.state.ray_jobs = ray_jobs

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.jobs import Progress, job_progress
 from service.models import (
@@ -34,6 +34,17 @@ from service.settings import Settings
 
 # --- users read ---
 
+
+def _a_json_number(cls: type, value: Any) -> Any:
+    """A JSON integer as JSON Schema has it: 3 and 3.0 are the same number, "3" and true are
+    not numbers at all (lax pydantic would take them)."""
+    if isinstance(value, str | bool):
+        raise ValueError("Input should be a valid integer")
+    return value
+
+
+# The furthest a page may start: beyond what a 64-bit database integer holds, no row is.
+MAX_OFFSET = 2**31 - 1
 
 # An accuracy as a fraction in [0, 1].
 Accuracy = Annotated[float, Field(ge=0, le=1)]
@@ -283,7 +294,7 @@ UserName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
 class UserCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: UserName
     admin: bool = False
@@ -304,6 +315,8 @@ class LimitOverrides(BaseModel):
 
     max_active_jobs: Annotated[int, Field(ge=0)] | None = None
     max_trials_per_job: Annotated[int, Field(ge=1)] | None = None
+
+    _whole_numbers = field_validator("*", mode="before")(_a_json_number)
 
 
 class TokenPublic(BaseModel):

@@ -37,9 +37,12 @@ def test_the_generated_api_token_is_kept_private(live_server: LiveServer) -> Non
     assert len(live_server.api_token) >= 32
 
 
-@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/some-id", "/v1/jobs/some-id/trials"])
+@pytest.mark.parametrize(
+    ("path", "with_token"),
+    [("/v1/jobs", 200), ("/v1/jobs/some-id", 404), ("/v1/jobs/some-id/trials", 404)],
+)
 def test_user_routes_need_the_api_token(
-    anonymous: httpx.Client, live_server: LiveServer, path: str
+    anonymous: httpx.Client, live_server: LiveServer, path: str, with_token: int
 ) -> None:
     job_token = worker_token(live_server.settings, "some-id")
     for headers in [{}, bearer("wrong"), bearer(job_token), {"Authorization": "Basic dTpw"}]:
@@ -48,7 +51,17 @@ def test_user_routes_need_the_api_token(
         assert response.headers["www-authenticate"] == "Bearer"
         assert response.json()["error"]["code"] == "unauthorized"
     assert anonymous.post("/v1/jobs", json={"name": "x"}).status_code == 401
-    assert anonymous.get(path, headers=bearer(live_server.api_token)).status_code != 401
+    # With the token the route answers as itself: the page of jobs, or no such job.
+    answered = anonymous.get(path, headers=bearer(live_server.api_token))
+    assert answered.status_code == with_token, answered.text
+    if with_token == 200:
+        assert set(answered.json()) == {"items", "total", "limit", "offset"}
+    else:
+        assert answered.json()["error"] == {
+            "code": "not_found",
+            "message": "no job 'some-id'",
+            "fields": [],
+        }
 
 
 def test_internal_routes_take_only_that_jobs_worker_token(

@@ -81,6 +81,117 @@ def test_stored_spec_validates_again_unchanged() -> None:
     assert JobSpec.model_validate(spec.model_dump(mode="json")).model_dump() == spec.model_dump()
 
 
+def test_each_trial_of_a_method_sweep_resolves_its_own_methods_defaults() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "name": "methods",
+            "training": {"method": "fgsm_rs", "epsilon": 0.1},
+            "sweep": grid_sweep(**{"training.method": ["fgsm_rs", "pgd_at", "trades"]}),
+        }
+    )
+    trials = {
+        m: spec.trial_spec({"training.method": m}).training for m in ("fgsm_rs", "pgd_at", "trades")
+    }
+    assert (trials["fgsm_rs"].step_size, trials["fgsm_rs"].attack_steps) == (0.125, 1)
+    assert (trials["pgd_at"].step_size, trials["pgd_at"].attack_steps) == (0.025, 10)
+    assert trials["pgd_at"].beta is None and trials["trades"].beta == 6.0
+    # What the user set holds for every trial; beta only for the methods that have one.
+    spec = JobSpec.model_validate(
+        {
+            "name": "methods",
+            "training": {"method": "trades", "beta": 3.0, "attack_steps": 5},
+            "sweep": grid_sweep(**{"training.method": ["trades", "pgd_at"]}),
+        }
+    )
+    assert spec.trial_spec({"training.method": "trades"}).training.beta == 3.0
+    pgd_at = spec.trial_spec({"training.method": "pgd_at"}).training
+    assert (pgd_at.beta, pgd_at.attack_steps) == (None, 5)
+
+
+def test_a_sweep_over_epsilon_keeps_the_step_ratio_and_one_evaluation_epsilon() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "name": "eps",
+            "training": {"method": "trades", "epsilon": 0.1, "step_size": 0.02},
+            "sweep": grid_sweep(**{"training.epsilon": [0.05, 0.2]}),
+        }
+    )
+    trial = spec.trial_spec({"training.epsilon": 0.2})
+    assert trial.training.step_size == pytest.approx(0.04)
+    assert trial.evaluation.epsilon == 0.1
+
+
+def test_repeats_each_have_their_own_seed() -> None:
+    from workers.sweep import search_space
+
+    grid = JobSpec.model_validate(
+        {
+            "name": "r",
+            "training": {"seed": 7},
+            "sweep": {**grid_sweep(**{"training.epochs": [1, 2]}), "num_samples": 3},
+        }
+    )
+    assert grid.num_trials() == 6
+    assert search_space(grid)["training.seed"] == {"grid_search": [7, 8, 9]}
+    assert grid.sampled_trial_seed(4) is None  # a grid's seeds are in its configs
+    sampled = JobSpec.model_validate(
+        {
+            "name": "r",
+            "training": {"seed": 7},
+            "sweep": {
+                "parameters": {"training.epochs": {"choice": [1, 2]}},
+                "search": "random",
+                "num_samples": 3,
+            },
+        }
+    )
+    assert "training.seed" not in search_space(sampled)
+    assert [sampled.sampled_trial_seed(n) for n in range(3)] == [7, 8, 9]
+
+
+EVALUATE_JOB: dict[str, Any] = {"name": "e", "kind": "evaluate", "source": {"model": "a" * 32}}
+
+
+def test_an_evaluate_job_resolves_its_curve() -> None:
+    spec = JobSpec.model_validate({**EVALUATE_JOB, "evaluation": {"epsilons": [0.3, 0.1]}})
+    assert spec.evaluation.epsilons == [0.1, 0.3]
+    assert spec.evaluation.epsilon == 0.3  # the headline numbers: the largest epsilon
+    assert spec.evaluation.step_size_at(0.1) == pytest.approx(0.025)
+    spec = JobSpec.model_validate(
+        {**EVALUATE_JOB, "evaluation": {"epsilon": 0.2, "epsilons": [0.1]}}
+    )
+    assert spec.evaluation.epsilons == [0.1, 0.2]  # the headline epsilon is on the curve
+
+
+INVALID_EVALUATE_JOBS: list[tuple[dict[str, Any], str]] = [
+    ({"name": "e", "kind": "evaluate"}, "source"),
+    ({**EVALUATE_JOB, "training": {"epochs": 3}}, "training"),
+    ({**EVALUATE_JOB, "source": {"job": "a" * 32}}, "source"),
+    ({**EVALUATE_JOB, "source": {"model": "a" * 32, "trial": "t"}}, "source"),
+    ({**EVALUATE_JOB, "evaluation": {"epsilons": [0.1, 0.1]}}, "evaluation.epsilons"),
+    ({**EVALUATE_JOB, "resources": {"num_workers": 2}}, "resources.num_workers"),
+    ({"name": "t", "source": {"model": "a" * 32}}, "source"),
+    ({"name": "t", "evaluation": {"epsilons": [0.1]}}, "evaluation.epsilons"),
+    ({"name": "t", "evaluation": {"autoattack_examples": 0}}, "evaluation.autoattack_examples"),
+    ({"name": "t", "training": {"attack_bn": "frozen"}}, "training.attack_bn"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID_EVALUATE_JOBS)
+def test_what_only_one_kind_of_job_takes_is_refused_naming_the_field(
+    spec: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(spec)
+    assert field in [".".join(map(str, error["loc"])) for error in caught.value.errors()]
+
+
+def test_normalisation_is_on_for_cifar10_and_off_elsewhere_unless_set() -> None:
+    assert JobSpec(name="c", dataset={"name": "cifar10"}).model.normalize is True  # type: ignore[arg-type]
+    assert JobSpec(name="d").model.normalize is False
+    assert JobSpec(name="d", model={"normalize": True}).model.normalize is True  # type: ignore[arg-type]
+
+
 # --- through the API ---
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, UserClient, play_workers
+from tests.conftest import LiveServer, UserClient, checkpoint_bytes, play_workers
 
 CHROMIUM = "/usr/bin/chromium"
 # Trial key -> (beta, clean acc, robust acc). beta_1 is dominated: it is not on the front.
@@ -33,18 +33,38 @@ def finished_sweep(
 
 
 class ElementCounter(HTMLParser):
-    """Tags, classes and text of a rendered DOM, as Chromium dumps it."""
+    """Tags, classes and text of a rendered DOM, as Chromium dumps it, and the text of each
+    cell of each table with an id, row by row."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.text: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._table: str | None = None
+        self._cell: list[str] | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append((tag, dict(attrs)))
+        if tag == "table" and dict(attrs).get("id"):
+            self._table = str(dict(attrs)["id"])
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th") and self._table is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._table = None
+        elif tag in ("td", "th") and self._table is not None and self._cell is not None:
+            self.tables[self._table][-1].append(" ".join(self._cell).strip())
+            self._cell = None
 
     def handle_data(self, data: str) -> None:
         self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data.strip())
 
     def count(self, tag: str, **attrs: str) -> int:
         return sum(
@@ -85,17 +105,73 @@ def test_the_page_shows_a_jobs_trials_curves_and_tradeoff(
     text = " ".join(dom.text)
 
     assert "web-sweep" in text and "succeeded" in text
-    # The trials table: one row per trial with its numbers, the best (by robust acc) starred.
-    assert dom.count("tr") == 1 + len(RESULTS)
-    for clean, robust in [(c, r) for _, c, r in RESULTS.values()]:
-        assert f"{100 * clean:.1f}%" in text and f"{100 * robust:.1f}%" in text
-    assert "beta_6 ★" in text
+    # The trials table: one row per trial with its numbers, the best (by validation) starred.
+    header, *rows = dom.tables["trials"]
+    assert header[:5] == ["trial", "config", "status", "clean acc", "PGD-20 acc"]
+    assert [row[:5] for row in rows] == [
+        [
+            f"{key}{' ★' if key == 'beta_6' else ''}",
+            f"beta={beta:g}",
+            "succeeded",
+            f"{100 * clean:.1f}%",
+            f"{100 * robust:.1f}%",
+        ]
+        for key, (beta, clean, robust) in RESULTS.items()
+    ]
     # Per-epoch curves: a clean and a robust line per trial.
     assert dom.count("svg", id="curves") == 1
     # The trade-off: a point per trial, and the Pareto front drawn through the two undominated.
     assert dom.count("svg", id="tradeoff") == 1
     assert dom.count("circle", **{"class": "point"}) == len(RESULTS)
     assert dom.count("path", **{"class": "front"}) == 1
+
+
+def test_the_page_shows_autoattack_and_an_evaluate_jobs_curve(
+    live_server: LiveServer,
+    api: httpx.Client,
+    submit: Callable[..., dict[str, Any]],
+    dispatch: Callable[[str], httpx.Client],
+) -> None:
+    content = checkpoint_bytes()
+    model = api.post(
+        "/v1/models",
+        params={"filename": "m.pt"},
+        content=content,
+        headers={"Content-Type": "application/octet-stream"},
+    ).json()
+    job_id: str = submit(
+        name="web-curve",
+        kind="evaluate",
+        source={"model": model["id"]},
+        evaluation={"epsilons": [0.05, 0.1], "autoattack": True},
+    )["id"]
+    worker = dispatch(job_id)
+    after = {"clean": 0.9, "apgd-ce": 0.61, "apgd-t": 0.58, "fab-t": 0.58, "square": 0.57}
+    autoattack = {"after_attack": after, "seconds": 12.0, "done": True, "unreliable": True}
+    for epsilon, pgd, aa in [(0.05, 0.8, 0.7), (0.1, 0.65, 0.57)]:
+        point = {"epsilon": epsilon, "clean_acc": 0.9, "robust_acc": pgd, "autoattack_acc": aa,
+                 "autoattack": autoattack}  # fmt: skip
+        response = worker.post(f"/v1/internal/jobs/{job_id}/trials/trial_0000/curve", json=point)
+        assert response.status_code == 200, response.text
+    trial = {"config": {}, "status": "succeeded", "clean_acc": 0.9, "robust_acc": 0.65,
+             "autoattack_acc": 0.57, "autoattack": autoattack}  # fmt: skip
+    assert (
+        worker.put(f"/v1/internal/jobs/{job_id}/trials/trial_0000", json=trial).status_code == 200
+    )
+
+    dom = render(f"{live_server.url}/#job={job_id}&token={live_server.api_token}")
+    header, trial = dom.tables["trials"]
+    assert trial[header.index("AutoAttack acc")] == "57.0%"
+    attacks = trial[header.index("after each attack")]
+    assert attacks == (
+        "clean 90.0% > apgd-ce 61.0% > apgd-t 58.0% > fab-t 58.0% > square 57.0% (12 s)"
+        " ⚠ potentially unreliable"
+    )
+    assert dom.count("svg", id="curve") == 1
+    assert [row[:4] for row in dom.tables["curve-points"][1:]] == [
+        ["0.0500", "90.0%", "80.0%", "70.0%"],
+        ["0.1000", "90.0%", "65.0%", "57.0%"],
+    ]
 
 
 def test_the_page_asks_for_a_token_and_shows_nothing_without_one(live_server: LiveServer) -> None:
@@ -149,28 +225,33 @@ def test_prometheus_metrics_follow_the_jobs(
     live_server: LiveServer,
     api: httpx.Client,
     submit: Callable[..., dict[str, Any]],
-    finished_sweep: str,
+    dispatch: Callable[[str], httpx.Client],
 ) -> None:
+    """Every counter moves by exactly what was done between two scrapes."""
+
+    def route_requests(metrics: str) -> float:
+        """GET /v1/jobs/{job_id} answered 200, so far (none yet: no sample)."""
+        labels = 'method="GET",route="/v1/jobs/{job_id}",status="200"'
+        pattern = rf"^advorch_http_requests_total{{{re.escape(labels)}}} (\S+)$"
+        match = re.search(pattern, metrics, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
     before = scrape(live_server)
-    queued = sample(before, "advorch_jobs", status="queued")
-    submit(name="one-more")
-    api.get(f"/v1/jobs/{finished_sweep}")
+    job_id = submit(name="metrics-sweep", training={"method": "trades", "epochs": 2})["id"]
+    queued = scrape(live_server)
+    play_workers(dispatch(job_id), job_id, RESULTS, epochs=2)
+    api.get(f"/v1/jobs/{job_id}")
     after = scrape(live_server)
 
-    assert sample(after, "advorch_jobs", status="queued") == queued + 1
-    assert sample(after, "advorch_jobs", status="succeeded") >= 1
-    assert sample(after, "advorch_trials", status="succeeded") >= len(RESULTS)
-    assert sample(after, "advorch_dispatch_latency_seconds_count") >= 1
-    assert sample(after, "advorch_epoch_metrics_posted_total") >= 2 * len(RESULTS)
+    def moved(metrics: str, name: str, **labels: str) -> float:
+        return sample(metrics, name, **labels) - sample(before, name, **labels)
+
+    assert moved(queued, "advorch_jobs", status="queued") == 1
+    assert moved(after, "advorch_jobs", status="queued") == 0
+    assert moved(after, "advorch_jobs", status="succeeded") == 1
+    assert moved(after, "advorch_trials", status="succeeded") == len(RESULTS)
+    assert moved(after, "advorch_dispatch_latency_seconds_count") == 1
+    assert moved(after, "advorch_epoch_metrics_posted_total") == 2 * len(RESULTS)
     # Requests are labelled by route template, not by raw path.
-    assert (
-        sample(
-            after,
-            "advorch_http_requests_total",
-            method="GET",
-            route="/v1/jobs/{job_id}",
-            status="200",
-        )
-        >= 1
-    )
-    assert f"/v1/jobs/{finished_sweep}" not in after
+    assert route_requests(after) - route_requests(before) == 1
+    assert f"/v1/jobs/{job_id}" not in after

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from api.deps import AdminDep, SessionDep
 from api.errors import error_responses
-from api.schemas import AuditEventPublic, AuditPage
+from api.schemas import MAX_OFFSET, AuditEventPublic, AuditPage
 from service.audit import list_audit_events
 from service.models import AuditAction
 
@@ -19,10 +19,13 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=error_responses
 def read_audit_trail(
     session: SessionDep,
     admin: AdminDep,
-    actor: Annotated[str | None, Query(description="A user's name, or a job id.")] = None,
+    actor: Annotated[
+        str | None,
+        Query(description="A user's name, or a job id.", pattern=r"^[A-Za-z0-9_.-]{1,64}$"),
+    ] = None,
     action: AuditAction | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> AuditPage:
     """Admins: the trail, newest first, optionally of one actor or one action."""
     page, total = list_audit_events(session, actor=actor, action=action, limit=limit, offset=offset)

@@ -19,6 +19,7 @@ from api.deps import (
 )
 from api.errors import error_responses
 from api.schemas import (
+    MAX_OFFSET,
     CurvePointPublic,
     CurvePublic,
     EpochMetricsPublic,
@@ -61,7 +62,7 @@ def list_jobs(
     status: JobStatus | None = None,
     owner: Annotated[str | None, Query(description="Admins: only this user's jobs.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     """Jobs, newest first, optionally of one status: the caller's own, or an admin's pick."""
     owner_id = users.owner_filter(session, user, owner)
