@@ -21,6 +21,7 @@ from service.artifacts import ArtifactMissing, UploadRefused
 from service.jobs import (
     CheckpointUnavailable,
     IllegalTransition,
+    InvalidReport,
     JobEnded,
     JobNotFound,
     LogsUnavailable,
@@ -100,6 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _validation_error)
     for exception in DOMAIN_ERROR_STATUS:
         app.add_exception_handler(exception, _domain_error)
+    app.add_exception_handler(InvalidReport, _invalid_report)
     app.add_exception_handler(UploadRefused, _upload_refused)
     app.add_exception_handler(NotAModelFile, _upload_refused)
     app.add_exception_handler(Exception, _unexpected_error)
@@ -139,6 +141,11 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     status = next(s for kind, s in DOMAIN_ERROR_STATUS.items() if isinstance(exc, kind))
     return error_response(status, str(exc))
+
+
+async def _invalid_report(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, InvalidReport)
+    return _invalid([FieldError(field=exc.field, message=str(exc))])
 
 
 async def _upload_refused(request: Request, exc: Exception) -> JSONResponse:

@@ -6,11 +6,12 @@ The job spec itself (the body of ``POST /v1/jobs``) is ``workers.spec.JobSpec``.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from service.jobs import Progress, job_progress
 from service.models import (
@@ -240,28 +241,43 @@ class ModelPublic(BaseModel):
 TrialKey = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]
 
 
+# The most a worker's report may say in one string, or in one JSON field (a config, AutoAttack's
+# details): enough for any real error or config, not for filling the database.
+MAX_REPORT_TEXT = 10_000
+
+
+def _small_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value)) > MAX_REPORT_TEXT:
+        raise ValueError(f"at most {MAX_REPORT_TEXT} characters as JSON")
+    return value
+
+
+ReportText = Annotated[str, Field(max_length=MAX_REPORT_TEXT)]
+SmallJson = Annotated[dict[str, Any], AfterValidator(_small_json)]
+
+
 class JobEventReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal[JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED]
-    reason: Annotated[str, Field(min_length=1)]
-    error: str | None = None
+    reason: Annotated[str, Field(min_length=1, max_length=MAX_REPORT_TEXT)]
+    error: ReportText | None = None
 
 
 class TrialReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    config: dict[str, Any] = Field(description='The fields it overrides: {"training.beta": 6.0}')
+    config: SmallJson = Field(description='The fields it overrides: {"training.beta": 6.0}')
     status: TrialStatus | None = None
     clean_acc: Accuracy | None = None
     robust_acc: Accuracy | None = None
     autoattack_acc: Accuracy | None = None
-    autoattack: dict[str, Any] | None = None
+    autoattack: SmallJson | None = None
     best_epoch: Annotated[int, Field(ge=1)] | None = None
     val_clean_acc: Accuracy | None = None
     val_robust_acc: Accuracy | None = None
-    error: str | None = None
-    reason: str | None = None
+    error: ReportText | None = None
+    reason: ReportText | None = None
 
 
 class CurvePointReport(BaseModel):
@@ -271,7 +287,7 @@ class CurvePointReport(BaseModel):
     clean_acc: Accuracy | None = None
     robust_acc: Accuracy | None = None
     autoattack_acc: Accuracy | None = None
-    autoattack: dict[str, Any] | None = None
+    autoattack: SmallJson | None = None
 
 
 class EpochMetricsReport(BaseModel):

@@ -56,10 +56,11 @@ def serve() -> None:
     # Imported here: the API and Ray are slow imports that other commands do not need.
     from service.db import DatabaseUnusable
     from service.serve import serve as run_service
+    from service.storage import StorageMisconfigured
 
     try:
         run_service(get_settings())
-    except DatabaseUnusable as err:
+    except (DatabaseUnusable, StorageMisconfigured) as err:
         _fail(str(err))
 
 

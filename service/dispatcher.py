@@ -19,7 +19,6 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,6 +32,9 @@ from workers.job_env import JobEnv
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = "python -m workers.entrypoint"
+# Ray's own settings for a job's processes: no preemption watcher actor beside each Train run
+# (advorch does not run on preemptible nodes that announce it), one process less to start.
+RAY_JOB_SETTINGS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 PRIORITY_RANK: dict[JobPriority, int] = {
     JobPriority.HIGH: 0,
     JobPriority.NORMAL: 1,
@@ -89,11 +91,11 @@ def submit(session: Session, ray_jobs: RayJobs, settings: Settings, job: Job) ->
         # As submitted: each trial resolves its own defaults (jobs older than that column
         # have only the resolved spec).
         spec_json=json.dumps(job.submitted_spec or job.spec),
-        storage_uri=_absolute(settings.resolved_storage_uri),
+        storage_uri=settings.resolved_storage_uri,  # checked at start (service.storage)
         data_dir=str(settings.resolved_data_dir.resolve()),
     )
     try:
-        ray_jobs.submit(submission_id, ENTRYPOINT, job_env.as_env_vars())
+        ray_jobs.submit(submission_id, ENTRYPOINT, job_env.as_env_vars() | RAY_JOB_SETTINGS)
     except RuntimeError as err:
         if "status code 4" not in str(err):
             raise
@@ -120,8 +122,3 @@ def stop_on_ray(session: Session, ray_jobs: RayJobs, job: Job) -> None:
     ray_jobs.stop(job.ray_submission_id)
     jobs.mark_ray_cleaned(session, job)
     log.info("job %s stopped on Ray (%s)", job.id, job.ray_submission_id)
-
-
-def _absolute(uri: str) -> str:
-    """A storage folder as an absolute path (workers run elsewhere); a URI as it is."""
-    return uri if "://" in uri else str(Path(uri).resolve())

@@ -25,6 +25,7 @@ no more, so a leaked worker token cannot rewrite a finished job's results.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -114,6 +115,18 @@ class JobEnded(Exception):
     """A worker wrote to a job that has ended: its token no longer opens the job (403)."""
 
 
+class InvalidReport(ValueError):
+    """A worker's report that no run of its job can make (422, naming ``field``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# A trial's key as the sweep makes it: its number among the job's trials.
+TRIAL_KEY = re.compile(r"^trial_(\d{4,})$")
+
+
 class LogsUnavailable(Exception):
     pass
 
@@ -160,6 +173,7 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
     training_limits = {
         "epochs": (settings.max_epochs, "ADVORCH_MAX_EPOCHS"),
         "batch_size": (settings.max_batch_size, "ADVORCH_MAX_BATCH_SIZE"),
+        "attack_steps": (settings.max_attack_steps, "ADVORCH_MAX_ATTACK_STEPS"),
     }
     for name, (limit, setting) in training_limits.items():
         value = getattr(spec.training, name)
@@ -169,9 +183,19 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         if space is not None and max(space.candidate_values()) > limit:
             loc = ("sweep", "parameters", f"training.{name}")
             raise field_error(loc, _over_limit(limit, setting), space.candidate_values())
-    if spec.resources.num_workers > settings.max_workers:
-        message = _over_limit(settings.max_workers, "ADVORCH_MAX_WORKERS")
-        raise field_error(("resources", "num_workers"), message, spec.resources.num_workers)
+    other_limits: list[tuple[tuple[str, str], float, float, str]] = [
+        (("evaluation", "attack_steps"), spec.evaluation.attack_steps,
+         settings.max_eval_attack_steps, "ADVORCH_MAX_EVAL_ATTACK_STEPS"),
+        (("evaluation", "restarts"), spec.evaluation.restarts,
+         settings.max_restarts, "ADVORCH_MAX_RESTARTS"),
+        (("resources", "num_workers"), spec.resources.num_workers,
+         settings.max_workers, "ADVORCH_MAX_WORKERS"),
+        (("resources", "cpus_per_worker"), spec.resources.cpus_per_worker,
+         settings.max_cpus_per_worker, "ADVORCH_MAX_CPUS_PER_WORKER"),
+    ]  # fmt: skip
+    for section_and_field, value, most, setting_name in other_limits:
+        if value > most:
+            raise field_error(section_and_field, _over_limit(most, setting_name), value)
     if spec.num_trials() > settings.max_trials:
         message = f"expands to {spec.num_trials()} trials; " + _over_limit(
             settings.max_trials, "ADVORCH_MAX_TRIALS"
@@ -179,7 +203,7 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
         raise field_error(("sweep",), message, spec.num_trials())
 
 
-def _over_limit(limit: int, setting: str) -> str:
+def _over_limit(limit: float, setting: str) -> str:
     return f"at most {limit} allowed on this server ({setting})"
 
 
@@ -436,6 +460,7 @@ def upsert_trial(
     always says why (its error's first line when its report gave no reason). ``results`` are
     Trial's result columns (clean_acc, robust_acc, autoattack_acc, autoattack, best_epoch,
     val_clean_acc, val_robust_acc)."""
+    check_epoch(job, "best_epoch", results.get("best_epoch"))
     trial = _find_or_add_trial(session, job, key, status=TrialStatus.PENDING)
     if config:
         trial.config = config
@@ -458,6 +483,7 @@ def record_checkpoint(
     store under its content's name; commits. An older epoch than the one it has changes
     nothing (a late retry). Returns the trial and the store key of a checkpoint no longer
     pointed at (the one replaced, or the one refused), for the caller to delete."""
+    check_epoch(job, "epoch", epoch)
     trial = _find_or_add_trial(session, job, key, status=TrialStatus.RUNNING)
     uploaded = checkpoint_store_key(job.id, key, sha256)
     current = checkpoint_key(trial) if trial.checkpoint_sha256 is not None else None
@@ -492,6 +518,7 @@ def record_epoch_metrics(
 ) -> TrialMetric:
     """Create or update one epoch's metrics of a trial (``metrics`` by TrialMetric's column
     names); commits. A trial not reported yet is created, running: metrics mean it runs."""
+    check_epoch(job, "epoch", epoch)
     trial = _find_or_add_trial(session, job, key, status=TrialStatus.RUNNING)
     _advance(trial, TrialStatus.RUNNING)
     row = session.get(TrialMetric, (trial.id, epoch))
@@ -511,10 +538,29 @@ def _find_trial(session: Session, job: Job, key: str) -> Trial | None:
 def _find_or_add_trial(session: Session, job: Job, key: str, *, status: TrialStatus) -> Trial:
     trial = _find_trial(session, job, key)
     if trial is None:
+        check_trial_key(job, key)
         trial = Trial(job_id=job.id, key=key, config={}, status=status)
         session.add(trial)
         session.flush()  # a concurrent insert of the same key clashes here, and is retried
     return trial
+
+
+def check_trial_key(job: Job, key: str) -> None:
+    """Only keys the job's sweep can make name a trial: ``trial_NNNN`` below its trial count."""
+    match = TRIAL_KEY.match(key)
+    if match is None or int(match.group(1)) >= job.num_trials:
+        raise InvalidReport(
+            "trial_key",
+            f"job {job.id} has {job.num_trials} trial(s), trial_0000 to "
+            f"trial_{job.num_trials - 1:04d}; it has no {key!r}",
+        )
+
+
+def check_epoch(job: Job, field: str, epoch: int | None) -> None:
+    """An epoch a trial of the job can reach: 1 to its spec's epochs."""
+    epochs = int(job.spec["training"]["epochs"])
+    if epoch is not None and not 1 <= epoch <= epochs:
+        raise InvalidReport(field, f"job {job.id} trains {epochs} epochs; there is no {epoch}")
 
 
 def _advance(trial: Trial, status: TrialStatus) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 from ray.job_submission import JobDetails, JobSubmissionClient
 
 from service.settings import Settings
@@ -32,6 +33,8 @@ from service.settings import Settings
 T = TypeVar("T")
 
 HEAD_START_TIMEOUT_S = 90.0
+# What every Ray worker process of a cluster runs advorch's trials in imports first.
+PRELOADED_MODULES = "torch,workers.trial"
 HEAD_STOP_TIMEOUT_S = 30.0
 
 
@@ -83,12 +86,18 @@ def start_local_head(settings: Settings) -> LocalRayHead:
         "--disable-usage-stats",
     ]
     env = {
-        **os.environ,
+        # Not the service's own settings: every process of the cluster would inherit its API
+        # token, server secret and database URL. A job's processes are told what they need
+        # (workers.job_env) by the dispatcher.
+        **{k: v for k, v in os.environ.items() if not k.startswith("ADVORCH_")},
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_file),
         # On SIGTERM a head first waits up to 30 s for its node to drain (for Ray Serve);
         # when the service stops, nothing of this cluster is left to drain for.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Ray's worker processes import torch and the trial's code as they start, before a
+        # trial asks for one, so that a trial's process is ready sooner.
+        "RAY_preload_python_modules": PRELOADED_MODULES,
         # Job entrypoints run `python -m workers.entrypoint`: this Python, with advorch in it.
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
@@ -225,6 +234,18 @@ class RayJobs:
     def logs(self, submission_id: str) -> str | None:
         """The Ray Job's log (its driver's output), or None when the cluster has no such job."""
         return _unless_unknown(lambda: self.client().get_job_logs(submission_id))
+
+    def alive_nodes(self) -> int | None:
+        """How many nodes the cluster has alive, from its dashboard's state API (None when it
+        does not say)."""
+        try:
+            response = httpx.get(
+                f"{self.address}/api/v0/nodes", params={"limit": 10_000}, headers=self._headers
+            )
+            nodes = response.raise_for_status().json()["data"]["result"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        return sum(1 for node in nodes if node.get("state") == "ALIVE")
 
     def dashboard_url(self, submission_id: str) -> str:
         """The job's page on the Ray dashboard."""

@@ -26,6 +26,7 @@ from service.dispatcher import dispatch
 from service.ray_cluster import LocalRayHead, RayJobs, cluster_auth_token, start_local_head
 from service.reconciler import reconcile
 from service.settings import Settings
+from service.storage import check_storage_uri, warn_if_local_on_a_cluster
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, _raise_system_exit)
     settings.home.mkdir(parents=True, exist_ok=True)
+    storage_uri = check_storage_uri(settings.resolved_storage_uri)
     upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
     ensure_api_token(settings)
 
@@ -52,6 +54,7 @@ def serve(settings: Settings) -> None:
             ray_jobs = RayJobs(head.dashboard_url, head.auth_token)
         else:
             ray_jobs = RayJobs(settings.ray_address, cluster_auth_token())
+            warn_if_local_on_a_cluster(storage_uri, ray_jobs.alive_nodes() or 1)
         session_factory = make_session_factory(engine)
         threads = [
             _every(

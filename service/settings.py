@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     max_trials: int = 256
     max_workers: int = 16
     max_batch_size: int = 4096
+    max_attack_steps: int = 100
+    max_eval_attack_steps: int = 1000
+    max_restarts: int = 20
+    max_cpus_per_worker: float = 64.0
     max_request_bytes: int = 1_000_000
     # Checkpoint and model uploads have their own limit (WRN-34-10 is about 185 MB).
     max_upload_bytes: int = 1_000_000_000
@@ -81,7 +85,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_storage_uri(self) -> str:
-        return self.storage_uri or str(self.home / "storage")
+        return self.storage_uri or str((self.home / "storage").absolute())
 
     @property
     def resolved_config_file(self) -> Path:

@@ -68,7 +68,7 @@ def test_internal_routes_take_only_that_jobs_worker_token(
     anonymous: httpx.Client, live_server: LiveServer, submit: Submit
 ) -> None:
     job_id, other_job_id = submit()["id"], submit()["id"]
-    url = f"/v1/internal/jobs/{job_id}/trials/t0"
+    url = f"/v1/internal/jobs/{job_id}/trials/trial_0000"
     body: dict[str, Any] = {"config": {}}
     token = worker_token(live_server.settings, job_id)
     forged = token[:-4] + ("0000" if not token.endswith("0000") else "1111")

@@ -50,7 +50,7 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
     worker = dispatch(job_id)
     assert post_event(worker, job_id, "running", reason="workers started").status_code == 200
 
-    results = {"beta_1": (1.0, 0.90, 0.40), "beta_6": (6.0, 0.80, 0.50)}
+    results = {"trial_0000": (1.0, 0.90, 0.40), "trial_0001": (6.0, 0.80, 0.50)}
     for key, (beta, clean, robust) in results.items():
         put_trial(worker, job_id, key, config={"training.beta": beta}, status="running")
         for epoch in (1, 2):
@@ -92,7 +92,7 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
     assert job["dashboard_url"].endswith(job["ray_submission_id"])
     assert job["progress"] == {"trials_total": 2, "trials_done": 2, "trials_running": 0}
     assert job["best_trial"] == {
-        "key": "beta_6",
+        "key": "trial_0001",
         "config": {"training.beta": 6.0},
         "chosen_by": "val_robust_acc",
         "val_clean_acc": 0.80,
@@ -104,10 +104,10 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
 
     trials = api.get(f"/v1/jobs/{job_id}/trials").json()
     assert [(t["key"], t["status"], t["best_epoch"]) for t in trials] == [
-        ("beta_1", "succeeded", 2),
-        ("beta_6", "succeeded", 2),
+        ("trial_0000", "succeeded", 2),
+        ("trial_0001", "succeeded", 2),
     ]
-    metrics = api.get(f"/v1/jobs/{job_id}/trials/beta_6/metrics").json()
+    metrics = api.get(f"/v1/jobs/{job_id}/trials/trial_0001/metrics").json()
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert metrics[1]["train_loss"] == 0.5 and metrics[1]["val_robust_acc"] == 0.50
 
@@ -118,10 +118,10 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
         "epsilon": 8 / 255,
     }
     assert [(p["trials"], p["on_front"]) for p in tradeoff["points"]] == [
-        (["beta_6"], True),
-        (["beta_1"], True),
+        (["trial_0001"], True),
+        (["trial_0000"], True),
     ]
-    assert [p["trials"] for p in tradeoff["front"]] == [["beta_6"], ["beta_1"]]
+    assert [p["trials"] for p in tradeoff["front"]] == [["trial_0001"], ["trial_0000"]]
 
     trail = api.get(f"/v1/jobs/{job_id}/events").json()
     assert [(e["to_status"], e["reason"]) for e in trail] == [
@@ -135,41 +135,45 @@ def test_the_life_of_a_job(api: httpx.Client, submit: Submit, dispatch: Dispatch
 def test_tradeoff_front_leaves_out_dominated_trials(
     api: httpx.Client, submit: Submit, dispatch: Dispatch
 ) -> None:
-    job_id = submit()["id"]
+    betas = [0.0, 1.0, 2.0, 3.0, 4.0]
+    job_id = submit(
+        training={"method": "trades"}, sweep={"parameters": {"training.beta": {"grid": betas}}}
+    )["id"]
     worker = dispatch(job_id)
-    scores = {"a": (0.9, 0.3), "b": (0.8, 0.5), "c": (0.7, 0.4), "d": (0.8, 0.5), "e": (0.6, None)}
-    for beta, (key, (clean, robust)) in enumerate(scores.items()):
-        config = {"training.beta": float(beta)}
-        put_trial(
-            worker,
-            job_id,
-            key,
-            config=config,
-            status="succeeded",
-            clean_acc=clean,
-            robust_acc=robust,
-        )
+    scores = [(0.9, 0.3), (0.8, 0.5), (0.7, 0.4), (0.8, 0.5), (0.6, None)]
+    for number, (beta, (clean, robust)) in enumerate(zip(betas, scores, strict=True)):
+        put_trial(worker, job_id, f"trial_{number:04d}", config={"training.beta": beta},
+                  status="succeeded", clean_acc=clean, robust_acc=robust)  # fmt: skip
     tradeoff = api.get(f"/v1/jobs/{job_id}/tradeoff").json()
     on_front = {p["trials"][0]: p["on_front"] for p in tradeoff["points"]}
-    assert on_front == {"a": True, "b": True, "c": False, "d": True}  # e has no robust_acc
+    # trial_0002 is dominated; trial_0004 has no robust accuracy.
+    assert on_front == {"trial_0000": True, "trial_0001": True, "trial_0002": False,
+                        "trial_0003": True}  # fmt: skip
     assert [p["clean_acc"] for p in tradeoff["front"]] == [0.8, 0.8, 0.9]
 
 
 def test_the_best_trial_is_chosen_on_validation_even_where_test_disagrees(
     api: httpx.Client, submit: Submit, dispatch: Dispatch
 ) -> None:
-    job_id = submit(**TRADES_SWEEP)["id"]
+    job_id = submit(
+        training={"method": "trades"},
+        sweep={"parameters": {"training.beta": {"grid": [1.0, 6.0, 9.0]}}},
+    )["id"]
     worker = dispatch(job_id)
     # beta 1 looks better on test, beta 6 on validation: validation decides.
-    put_trial(worker, job_id, "beta_1", config={"training.beta": 1.0}, status="succeeded",
+    put_trial(worker, job_id, "trial_0000", config={"training.beta": 1.0}, status="succeeded",
               clean_acc=0.9, robust_acc=0.7, val_clean_acc=0.9, val_robust_acc=0.4)  # fmt: skip
-    put_trial(worker, job_id, "beta_6", config={"training.beta": 6.0}, status="succeeded",
+    put_trial(worker, job_id, "trial_0001", config={"training.beta": 6.0}, status="succeeded",
               clean_acc=0.8, robust_acc=0.5, val_clean_acc=0.8, val_robust_acc=0.6)  # fmt: skip
     # A running trial with a high validation score is no candidate until it has succeeded.
-    put_trial(worker, job_id, "beta_9", config={"training.beta": 9.0}, status="running",
+    put_trial(worker, job_id, "trial_0002", config={"training.beta": 9.0}, status="running",
               val_robust_acc=0.9)  # fmt: skip
     best = api.get(f"/v1/jobs/{job_id}").json()["best_trial"]
-    assert (best["key"], best["chosen_by"], best["robust_acc"]) == ("beta_6", "val_robust_acc", 0.5)
+    assert (best["key"], best["chosen_by"], best["robust_acc"]) == (
+        "trial_0001",
+        "val_robust_acc",
+        0.5,
+    )
 
 
 def test_repeats_are_grouped_as_mean_and_std_and_autoattack_is_the_robust_axis(
@@ -240,7 +244,7 @@ def test_after_its_job_ended_a_worker_token_is_403_and_changes_nothing(
     """A leaked worker token cannot rewrite a finished job: its status, trials or results."""
     job_id = submit()["id"]
     worker = dispatch(job_id)
-    put_trial(worker, job_id, "t", status="running")
+    put_trial(worker, job_id, "trial_0000", status="running")
     for status in history:
         if status == "cancel":
             assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
@@ -248,7 +252,7 @@ def test_after_its_job_ended_a_worker_token_is_403_and_changes_nothing(
             assert post_event(worker, job_id, status).status_code == 200
 
     def state() -> list[Any]:
-        paths = ["", "/events", "/trials", "/trials/t/metrics"]
+        paths = ["", "/events", "/trials", "/trials/trial_0000/metrics"]
         return [api.get(f"/v1/jobs/{job_id}{path}").json() for path in paths]
 
     before = state()
@@ -258,7 +262,7 @@ def test_after_its_job_ended_a_worker_token_is_403_and_changes_nothing(
         worker.put(f"{trials}/t", json={"config": {}, "status": "succeeded", "robust_acc": 0.9}),
         worker.put(f"{trials}/new", json={"config": {}, "status": "running"}),
         worker.post(f"{trials}/t/metrics", json={"epoch": 1, "val_robust_acc": 0.99}),
-        upload_checkpoint(worker, job_id, "t", epoch=1),
+        upload_checkpoint(worker, job_id, "trial_0000", epoch=1),
     ]
     for response in late_writes:
         assert response.status_code == 403, response.text
@@ -292,7 +296,7 @@ def test_a_trial_upserted_three_times_is_one_trial(
     job_id = submit()["id"]
     worker = dispatch(job_id)
     body = {"config": {"training.beta": 3.0}, "status": "succeeded", "clean_acc": 0.9}
-    responses = [put_trial(worker, job_id, "t0", **body).json() for _ in range(3)]
+    responses = [put_trial(worker, job_id, "trial_0000", **body).json() for _ in range(3)]
     assert without_times(responses) == without_times([responses[0]] * 3)
     trials = api.get(f"/v1/jobs/{job_id}/trials").json()
     assert without_times(trials) == without_times([responses[0]])
@@ -304,9 +308,16 @@ def test_a_trial_never_moves_back_and_nulls_never_erase(
     job_id = submit()["id"]
     worker = dispatch(job_id)
     put_trial(
-        worker, job_id, "t0", config={"training.beta": 1.0}, status="succeeded", robust_acc=0.4
+        worker,
+        job_id,
+        "trial_0000",
+        config={"training.beta": 1.0},
+        status="succeeded",
+        robust_acc=0.4,
     )
-    late = put_trial(worker, job_id, "t0", status="running", robust_acc=None, clean_acc=0.8).json()
+    late = put_trial(
+        worker, job_id, "trial_0000", status="running", robust_acc=None, clean_acc=0.8
+    ).json()
     assert late["status"] == "succeeded"
     assert late["robust_acc"] == 0.4 and late["clean_acc"] == 0.8
     assert late["config"] == {"training.beta": 1.0}
@@ -319,14 +330,14 @@ def test_the_same_metric_posted_twice_is_one_row(
     job_id = submit()["id"]
     worker = dispatch(job_id)
     for _ in range(2):
-        post_metrics(worker, job_id, "t0", epoch=1, train_loss=0.7, val_robust_acc=0.3)
-    metrics = api.get(f"/v1/jobs/{job_id}/trials/t0/metrics").json()
+        post_metrics(worker, job_id, "trial_0000", epoch=1, train_loss=0.7, val_robust_acc=0.3)
+    metrics = api.get(f"/v1/jobs/{job_id}/trials/trial_0000/metrics").json()
     assert len(metrics) == 1
     assert metrics[0]["train_loss"] == 0.7 and metrics[0]["val_robust_acc"] == 0.3
 
     # Metrics before the trial's own report: the trial exists, running, config still unknown.
     trials = api.get(f"/v1/jobs/{job_id}/trials").json()
-    assert [(t["key"], t["status"], t["config"]) for t in trials] == [("t0", "running", {})]
+    assert [(t["key"], t["status"], t["config"]) for t in trials] == [("trial_0000", "running", {})]
 
 
 # A trial's posts, as a worker sends them in order...
@@ -341,7 +352,7 @@ WORKER_POSTS: list[tuple[str, dict[str, Any]]] = [
 ]
 # ...and the rows they leave.
 TRIAL_AFTER_POSTS = {
-    "key": "t",
+    "key": "trial_0000",
     "config": {"training.beta": 6.0},
     "status": "succeeded",
     "clean_acc": None,
@@ -386,12 +397,12 @@ def test_posts_in_any_order_leave_the_same_rows(
     worker = dispatch(job_id)
     for kind, body in order + retried:
         if kind == "trial":
-            put_trial(worker, job_id, "t", **body)
+            put_trial(worker, job_id, "trial_0000", **body)
         else:
-            post_metrics(worker, job_id, "t", **body)
+            post_metrics(worker, job_id, "trial_0000", **body)
     trials = api.get(f"/v1/jobs/{job_id}/trials").json()
     assert without_times(trials) == [TRIAL_AFTER_POSTS]
-    assert api.get(f"/v1/jobs/{job_id}/trials/t/metrics").json() == METRICS_AFTER_POSTS
+    assert api.get(f"/v1/jobs/{job_id}/trials/trial_0000/metrics").json() == METRICS_AFTER_POSTS
 
 
 def test_reports_are_validated(submit: Submit, dispatch: Dispatch) -> None:
@@ -437,8 +448,8 @@ def test_concurrent_retries_of_the_same_posts_count_once(
     def post_all(_: int) -> list[int]:
         return [
             post_event(worker, job_id, "running").status_code,
-            put_trial(worker, job_id, "t", config={"training.beta": 1.0}).status_code,
-            post_metrics(worker, job_id, "t", epoch=1, train_loss=0.5).status_code,
+            put_trial(worker, job_id, "trial_0000", config={"training.beta": 1.0}).status_code,
+            post_metrics(worker, job_id, "trial_0000", epoch=1, train_loss=0.5).status_code,
         ]
 
     with ThreadPoolExecutor(max_workers=6) as pool:
@@ -447,7 +458,7 @@ def test_concurrent_retries_of_the_same_posts_count_once(
     trail = api.get(f"/v1/jobs/{job_id}/events").json()
     assert [e["to_status"] for e in trail] == ["queued", "submitted", "running"]
     assert len(api.get(f"/v1/jobs/{job_id}/trials").json()) == 1
-    assert len(api.get(f"/v1/jobs/{job_id}/trials/t/metrics").json()) == 1
+    assert len(api.get(f"/v1/jobs/{job_id}/trials/trial_0000/metrics").json()) == 1
 
 
 def test_a_failed_job_keeps_its_error(
@@ -460,3 +471,31 @@ def test_a_failed_job_keeps_its_error(
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert (job["status"], job["error"]) == ("failed", "CUDA OOM")
     assert job["started_at"] is None and job["finished_at"] is not None
+
+
+def test_what_a_worker_may_write_is_bounded_by_its_job(
+    api: httpx.Client, submit: Submit, dispatch: Dispatch
+) -> None:
+    """Keys the sweep cannot make, epochs past the spec's, strings past the stated size: each
+    refused with 422 naming what is wrong, and nothing written."""
+    job_id = submit(training={"epochs": 3})["id"]  # one trial, trial_0000, of 3 epochs
+    worker = dispatch(job_id)
+    base = f"/v1/internal/jobs/{job_id}/trials"
+    refused = [
+        (worker.put(f"{base}/trial_0001", json={"config": {}}), "trial_key"),
+        (worker.put(f"{base}/beta_6", json={"config": {}}), "trial_key"),
+        (worker.post(f"{base}/trial_0000/metrics", json={"epoch": 4}), "epoch"),
+        (worker.post(f"{base}/trial_0000/metrics", json={"epoch": 2**31}), "epoch"),
+        (worker.put(f"{base}/trial_0000", json={"config": {}, "best_epoch": 9}), "best_epoch"),
+        (worker.put(f"{base}/trial_0000", json={"config": {}, "error": "x" * 10_001}), "error"),
+        (worker.put(f"{base}/trial_0000", json={"config": {"k": "x" * 10_001}}), "config"),
+        (upload_checkpoint(worker, job_id, "trial_0000", epoch=4), "epoch"),
+    ]
+    for response, field in refused:
+        assert response.status_code == 422, response.text
+        assert [f["field"] for f in response.json()["error"]["fields"]] == [field]
+    assert api.get(f"/v1/jobs/{job_id}/trials").json() == []
+    # At the bounds, taken.
+    assert worker.post(f"{base}/trial_0000/metrics", json={"epoch": 3}).status_code == 200
+    ok = worker.put(f"{base}/trial_0000", json={"config": {}, "error": "x" * 10_000})
+    assert ok.status_code == 200

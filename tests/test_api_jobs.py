@@ -171,16 +171,16 @@ def test_the_best_checkpoint_travels_through_the_service(
 ) -> None:
     job_id = submit()["id"]
     worker = dispatch(job_id)
-    trial_url = f"/v1/internal/jobs/{job_id}/trials/trial_0"
+    trial_url = f"/v1/internal/jobs/{job_id}/trials/trial_0000"
     assert worker.put(trial_url, json={"config": {}, "status": "running"}).status_code == 200
-    download = f"/v1/jobs/{job_id}/trials/trial_0/checkpoint"
+    download = f"/v1/jobs/{job_id}/trials/trial_0000/checkpoint"
 
     missing = api.get(download)
     assert missing.status_code == 404
     assert "has no checkpoint" in missing.json()["error"]["message"]
 
     first, second = checkpoint_bytes(seed=1), checkpoint_bytes(seed=2)
-    assert upload_checkpoint(worker, job_id, "trial_0", epoch=1, content=first).status_code == 200
+    assert upload_checkpoint(worker, job_id, "trial_0000", epoch=1, content=first).status_code == 200
     served = api.get(download)
     assert served.status_code == 200 and served.content == first
     assert served.headers["x-content-sha256"] == hashlib.sha256(first).hexdigest()
@@ -188,7 +188,7 @@ def test_the_best_checkpoint_travels_through_the_service(
     # A new best epoch replaces it, while the trial still runs; the same upload again, or an
     # older epoch's arriving late, changes nothing.
     for epoch, content in [(3, second), (3, second), (2, first)]:
-        response = upload_checkpoint(worker, job_id, "trial_0", epoch=epoch, content=content)
+        response = upload_checkpoint(worker, job_id, "trial_0000", epoch=epoch, content=content)
         assert response.status_code == 200, response.text
     assert api.get(download).content == second
     (trial,) = api.get(f"/v1/jobs/{job_id}/trials").json()
@@ -197,7 +197,7 @@ def test_the_best_checkpoint_travels_through_the_service(
         "epoch": 3,
         "sha256": hashlib.sha256(second).hexdigest(),
         "bytes": len(second),
-        "url": f"/v1/jobs/{job_id}/trials/trial_0/checkpoint",
+        "url": f"/v1/jobs/{job_id}/trials/trial_0000/checkpoint",
     }
     # The store keeps the one it serves, nothing of the one it replaced.
     stored = list(
@@ -232,18 +232,18 @@ def test_a_damaged_or_oversized_checkpoint_is_refused_and_changes_nothing(
 ) -> None:
     job_id = submit()["id"]
     worker = dispatch(job_id)
-    assert upload_checkpoint(worker, job_id, "t", epoch=1).status_code == 200
-    before = api.get(f"/v1/jobs/{job_id}/trials/t/checkpoint").content
+    assert upload_checkpoint(worker, job_id, "trial_0000", epoch=1).status_code == 200
+    before = api.get(f"/v1/jobs/{job_id}/trials/trial_0000/checkpoint").content
 
     response = worker.put(
-        f"/v1/internal/jobs/{job_id}/trials/t/checkpoint",
+        f"/v1/internal/jobs/{job_id}/trials/trial_0000/checkpoint",
         params={"epoch": 2},
         content=content,
         headers=headers,
     )
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]
-    assert api.get(f"/v1/jobs/{job_id}/trials/t/checkpoint").content == before
+    assert api.get(f"/v1/jobs/{job_id}/trials/trial_0000/checkpoint").content == before
     assert api.get(f"/v1/jobs/{job_id}/trials").json()[0]["checkpoint"]["epoch"] == 1
 
 

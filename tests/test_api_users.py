@@ -132,7 +132,7 @@ def test_a_disabled_user_gets_401_at_once_and_their_jobs_stay(
     alice = make_user("alice")
     second_token = api.post(f"/v1/users/{alice.name}/tokens").json()["token"]
     job_id = submit_as(alice.http, name="before-disable")["id"]
-    play_workers(dispatch(job_id), job_id, {"t0": (0.0, 0.9, 0.5)})
+    play_workers(dispatch(job_id), job_id, {"trial_0000": (0.0, 0.9, 0.5)})
     before = api.get(f"/v1/jobs/{job_id}").json()
 
     disabled = api.delete(f"/v1/users/{alice.name}")
@@ -195,19 +195,19 @@ def test_users_see_and_act_on_their_own_jobs_only(
 ) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     alices = submit_as(alice.http, name="alices-sweep")["id"]
-    play_workers(dispatch(alices), alices, {"t0": (0.0, 0.9, 0.5)}, checkpoints=True)
+    play_workers(dispatch(alices), alices, {"trial_0000": (0.0, 0.9, 0.5)}, checkpoints=True)
     alices_queued = submit_as(alice.http, name="alices-queued")["id"]
     bobs = submit_as(bob.http, name="bobs-job")["id"]
 
     for job_id in (alices, alices_queued):
-        for method, path in job_routes(job_id, "t0"):
+        for method, path in job_routes(job_id, "trial_0000"):
             response = bob.http.request(method, path)
             assert response.status_code == 404, (method, path)
             # Exactly what a job that does not exist answers: ids cannot be probed.
             unknown = bob.http.request(method, path.replace(job_id, "0" * 32))
             assert error_message(response) == error_message(unknown).replace("0" * 32, job_id)
     # Alice reaches each of them (logs: this server has no Ray cluster, which it says).
-    for method, path in job_routes(alices, "t0")[:-1]:
+    for method, path in job_routes(alices, "trial_0000")[:-1]:
         assert alice.http.request(method, path).status_code == (503 if "logs" in path else 200)
     # Bob's cancels changed nothing.
     assert alice.http.get(f"/v1/jobs/{alices_queued}").json()["status"] == "queued"
@@ -332,7 +332,7 @@ def test_the_audit_trail_says_who_did_what(
     cancelled = submit_as(alice.http)["id"]
     alice.http.post(f"/v1/jobs/{cancelled}/cancel")
     ran = submit_as(alice.http)["id"]
-    play_workers(dispatch(ran), ran, {"t0": (0.0, 0.9, 0.5)})
+    play_workers(dispatch(ran), ran, {"trial_0000": (0.0, 0.9, 0.5)})
     api.delete(f"/v1/users/{alice.name}")
 
     def trail(**params: Any) -> list[tuple[str, str, str, str]]:

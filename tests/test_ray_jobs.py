@@ -251,12 +251,17 @@ def test_serve_starts_its_own_ray_head_and_leaves_none_behind(tmp_path: Path) ->
     for sig in (signal.SIGTERM, signal.SIGKILL):
         home = tmp_path / sig.name
         home.mkdir()
-        service = Service(home=home, env=clean_environment())
+        secrets = {"ADVORCH_API_TOKEN": "serve-admin-token", "ADVORCH_SECRET_KEY": "s3cret"}
+        service = Service(home=home, env=clean_environment() | secrets)
         service.start()
         assert service.process is not None
         started = process_tree(service.process.pid)
         assert any("gcs_server" in command for command in started.values())
         assert any("raylet" in command for command in started.values())
+        # The cluster's processes do not inherit the service's secrets.
+        for pid in started:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"serve-admin-token" not in environ and b"s3cret" not in environ
         if sig == signal.SIGTERM:
             banner = (home / "serve.log").read_text()
             assert f"API:           {service.url}" in banner

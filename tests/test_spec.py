@@ -219,6 +219,19 @@ OVER_LIMITS: list[tuple[Callable[[Settings], dict[str, Any]], str]] = [
         "resources.num_workers",
     ),
     (
+        lambda limits: {"resources": {"cpus_per_worker": limits.max_cpus_per_worker + 0.5}},
+        "resources.cpus_per_worker",
+    ),
+    (
+        lambda limits: {"training": {"attack_steps": limits.max_attack_steps + 1}},
+        "training.attack_steps",
+    ),
+    (
+        lambda limits: {"evaluation": {"attack_steps": limits.max_eval_attack_steps + 1}},
+        "evaluation.attack_steps",
+    ),
+    (lambda limits: {"evaluation": {"restarts": limits.max_restarts + 1}}, "evaluation.restarts"),
+    (
         lambda limits: {"sweep": grid_sweep(**{"training.epochs": [1, limits.max_epochs + 1]})},
         "sweep.parameters.training.epochs",
     ),

@@ -2,8 +2,8 @@
 
 The dispatcher puts a ``JobEnv`` into the Ray Job's ``runtime_env`` as environment variables;
 every process of the job (the entrypoint, each Tune trial, each Ray Train worker) inherits them
-and reads them back with ``JobEnv.from_environ()``. This module imports nothing heavy, so the
-service can build one without importing Ray Tune or torch.
+and reads them back with ``JobEnv.from_environ()``. The service builds one without
+importing Ray Tune or torch.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs
 
 # The environment variable of each field.
 ENV_VARS: dict[str, str] = {
@@ -57,8 +61,13 @@ class JobEnv:
         finds what the last run left there."""
         return Path(tempfile.gettempdir()) / "advorch" / self.job_id / trial_key
 
-    @property
-    def ray_storage_path(self) -> str:
-        """Where Ray Tune and Ray Train keep this job's runs (Train's resume checkpoints): a
-        folder, or any URI Ray's storage takes (s3://...)."""
-        return f"{self.storage_uri.rstrip('/')}/{self.job_id}/ray"
+    def ray_storage(self) -> tuple[str, pyarrow.fs.FileSystem | None]:
+        """Where Ray Tune and Ray Train keep this job's runs (Train's resume checkpoints), as
+        their ``storage_path`` and ``storage_filesystem``: a folder as it is, or a URI through
+        the fsspec filesystem of its scheme (s3fs for s3://), wrapped for pyarrow, so any
+        store fsspec knows works whatever pyarrow was built with."""
+        uri = f"{self.storage_uri.rstrip('/')}/{self.job_id}/ray"
+        if urlparse(uri).scheme in ("", "file"):
+            return uri, None
+        filesystem, path = fsspec.core.url_to_fs(uri)
+        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))

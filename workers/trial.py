@@ -75,6 +75,7 @@ def run_trial(config: dict[str, Any], *, use_gpu: bool) -> None:
     spec = job_spec.trial_spec(overrides)
     local = runs_locally(spec)
     resources = spec.resources
+    storage_path, storage_filesystem = env.ray_storage()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -91,7 +92,8 @@ def run_trial(config: dict[str, Any], *, use_gpu: bool) -> None:
         ),
         run_config=RunConfig(
             name=f"{env.job_id}-{trial_key}",
-            storage_path=env.ray_storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
             # The last epoch's is all a restart needs; best.pt inside it is the best so far.
             checkpoint_config=CheckpointConfig(num_to_keep=1),
