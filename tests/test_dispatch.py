@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.auth import worker_token
 from service.db import make_engine, make_session_factory
 from service.dispatcher import dispatch, ray_submission_id
+from service.ray_cluster import RayJobs
 from tests.conftest import LiveServer, bearer, new_user
+from tests.ray_support import free_port
 
 
 class FakeRayJobs:
@@ -132,3 +134,63 @@ def test_priority_comes_before_fairness(
     assert dispatched() == ["bob-low"]
     for user in (alice, bob):
         user.http.close()
+
+
+class RefusingRayJobs(FakeRayJobs):
+    """Ray answering a submission with a 4xx, as it does for a runtime_env it cannot take."""
+
+    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
+        raise RuntimeError("Request failed with status code 400: runtime_env too large")
+
+
+def test_a_job_ray_refuses_fails_with_rays_answer_and_the_next_one_goes(
+    fresh_server: LiveServer, root: httpx.Client, session_factory: sessionmaker[Session]
+) -> None:
+    refused, then = submit(root, "refused"), submit(root, "then")
+    settings = fresh_server.settings.model_copy(update={"max_running_jobs": 1})
+
+    dispatch(session_factory, RefusingRayJobs(), settings)  # type: ignore[arg-type]
+    for job_id in (refused, then):
+        job = root.get(f"/v1/jobs/{job_id}").json()
+        assert (job["status"], job["error"]) == (
+            "failed",
+            "Request failed with status code 400: runtime_env too large",
+        )
+    events = root.get(f"/v1/jobs/{refused}/events").json()
+    assert [(e["to_status"], e["reason"]) for e in events] == [
+        ("queued", "submitted"),
+        ("failed", "Ray refused it"),
+    ]
+
+
+def test_ray_unreachable_leaves_the_jobs_queued_for_the_next_round(
+    fresh_server: LiveServer, root: httpx.Client, session_factory: sessionmaker[Session]
+) -> None:
+    """The real client of Ray's Jobs API, pointed at a port nothing listens on."""
+    job_id = submit(root, "waits")
+    unreachable = RayJobs(f"http://127.0.0.1:{free_port()}", auth_token=None)
+
+    with pytest.raises(ConnectionError):
+        dispatch(session_factory, unreachable, fresh_server.settings)
+    assert root.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+
+    ray = FakeRayJobs()
+    dispatch(session_factory, ray, fresh_server.settings)  # type: ignore[arg-type]
+    assert ray.submitted == [ray_submission_id(job_id)]
+    assert root.get(f"/v1/jobs/{job_id}").json()["status"] == "submitted"
+
+
+def test_a_job_cancelled_while_it_is_submitted_is_stopped_on_ray(
+    fresh_server: LiveServer, root: httpx.Client, session_factory: sessionmaker[Session]
+) -> None:
+    job_id = submit(root, "cancelled-meanwhile")
+
+    class CancelledMeanwhile(FakeRayJobs):
+        def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
+            super().submit(submission_id, entrypoint, env_vars)
+            assert root.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+
+    ray = CancelledMeanwhile()
+    dispatch(session_factory, ray, fresh_server.settings)  # type: ignore[arg-type]
+    assert ray.submitted == ray.stopped == [ray_submission_id(job_id)]
+    assert root.get(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
