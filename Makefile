@@ -40,8 +40,9 @@ DOCKER_COMPOSE_V1 := /usr/bin/docker-compose
 $(DOCKER_COMPOSE_V1):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
 
+# With branch coverage of every process the tests start; below `fail_under` it fails.
 test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=html:htmlcov
 
 lint: $(STAMP)
 	$(BIN)/python deploy/lock.py --check
