@@ -38,7 +38,7 @@ def full_precision() -> Iterator[None]:
 def autocast(device: torch.device) -> AbstractContextManager[object]:
     """bf16 autocast on CUDA (no loss scaling needed, unlike fp16), unless inside
     ``full_precision()``; nothing on the CPU."""
-    if device.type == "cuda" and _mixed_precision.get():
+    if device.type == "cuda" and _mixed_precision.get():  # GPU only
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -412,7 +412,7 @@ def _resume(
     best.model.load_state_dict(state["best_model"])
     torch.set_rng_state(state["cpu_rng"])
     device = next(model.parameters()).device
-    if state["cuda_rng"] is not None and device.type == "cuda":
+    if state["cuda_rng"] is not None and device.type == "cuda":  # GPU only
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return state["epoch"], state["step"]
 
