@@ -260,50 +260,6 @@ def test_the_api_keeps_its_secret_and_artifacts_on_volumes(
             assert home_volume not in _named_volumes(rendered["services"][name]).values(), name
 
 
-def _under(path: str, folder: str) -> bool:
-    return Path(path).is_relative_to(folder)
-
-
-def _named_volumes(service: dict[str, Any]) -> dict[str, str]:
-    """mount path -> named volume, of a rendered service: Compose v2 writes the long syntax
-    (a mapping), docker-compose 1.29 the short one (``name:/path:rw``)."""
-    mounts: dict[str, str] = {}
-    for mount in service.get("volumes", []):
-        if isinstance(mount, dict):
-            if mount.get("type") == "volume":
-                mounts[mount["target"]] = mount["source"]
-        else:
-            source, target = mount.split(":")[:2]
-            if not source.startswith((".", "/")):  # a bind mount names a host path
-                mounts[target] = source
-    return mounts
-
-
-@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
-def test_the_api_keeps_its_secret_and_artifacts_on_volumes(
-    tool: Callable[[], list[str]], tmp_path: Path
-) -> None:
-    """Recreating the `api` container (an upgrade, `up --force-recreate`) must keep the server
-    secret, or every running job's worker token stops opening its routes, and the artifact
-    store, or the checkpoints users download are gone. Checked as each compose version renders
-    the CPU and the GPU stack."""
-    for files in (CPU_FILES, GPU_FILES):
-        rendered = render(tool, files, tmp_path)
-        api = rendered["services"]["api"]
-        env = api["environment"]
-        named = _named_volumes(api)
-        for variable in ("ADVORCH_HOME", "ADVORCH_ARTIFACTS"):
-            folder = env[variable]
-            assert Path(folder).is_absolute(), variable
-            volumes = [source for target, source in named.items() if _under(folder, target)]
-            assert volumes, f"{variable}={folder} is on no named volume: lost when recreated"
-            assert set(volumes) <= set(rendered["volumes"]), variable
-        # The secret stays with the API: no Ray node mounts the volume it is on.
-        home_volume = named[env["ADVORCH_HOME"]]
-        for name in ("ray-head", "ray-worker"):
-            assert home_volume not in _named_volumes(rendered["services"][name]).values(), name
-
-
 KUBERAY = ROOT / "deploy" / "kuberay.yaml"
 
 
