@@ -344,9 +344,9 @@ def test_the_kuberay_nodes_and_the_api_share_the_ray_token_and_the_storage(
         # every job, on every node.
         claims = _claims_by_path(pod)
         for variable in ("ADVORCH_STORAGE_URI", "ADVORCH_DATA_DIR"):
-            assert claims.get(api_env[variable]) == _claims_by_path(pods["api"])[
-                api_env[variable]
-            ], f"{name}: {variable} is not the API's claim"
+            assert (
+                claims.get(api_env[variable]) == _claims_by_path(pods["api"])[api_env[variable]]
+            ), f"{name}: {variable} is not the API's claim"
     assert len(token_sources) == 1
     for variable in ("ADVORCH_STORAGE_URI", "ADVORCH_DATA_DIR"):
         claim = _claims_by_path(pods["api"])[api_env[variable]].split("/")[0]
@@ -395,9 +395,10 @@ def test_the_kuberay_api_reaches_the_head_and_keeps_its_secret(
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == public.port]
     (container_port,) = [p for p in api["ports"] if p["name"] == port["targetPort"]]
     assert str(container_port["containerPort"]) == env["ADVORCH_PORT"]
-    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"][
-        "labels"
-    ].items()
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
 
 

@@ -170,7 +170,8 @@ def job_env(worker_token: str) -> JobEnv:
 class _Trial:
     """What the callback reads of a Tune trial."""
 
-    last_result = {"epoch": 1}
+    def __init__(self) -> None:
+        self.last_result = {"epoch": 1}
 
     def __str__(self) -> str:
         return "trial_0001"
