@@ -315,7 +315,9 @@ def test_the_kuberay_example_runs_the_compose_image_everywhere(
     assert {"RayCluster", "Deployment", "Service", "PersistentVolumeClaim"} <= {
         doc["kind"] for doc in kuberay.values()
     }
-    assert _one(kuberay, "RayCluster")["apiVersion"] == "ray.io/v1"
+    cluster = _one(kuberay, "RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    assert cluster["spec"]["rayVersion"] == locked_versions()["ray"]  # the image's Ray
     # The compose image's default tag, the one `docker compose build` makes.
     (image,) = {
         re.sub(r"\$\{ADVORCH_IMAGE:-(.+)\}", r"\1", service["image"])
