@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -46,6 +46,8 @@ class LocalRayHead:
     gcs_address: str
     dashboard_url: str
     auth_token: str
+    # Where auth_token is kept (the dashboard asks for it).
+    token_file: Path
     log_file: Path
 
     def stop(self) -> None:
@@ -85,22 +87,7 @@ def start_local_head(settings: Settings) -> LocalRayHead:
         f"--dashboard-agent-listen-port={agent_port}",
         "--disable-usage-stats",
     ]
-    env = {
-        # Not the service's own settings: every process of the cluster would inherit its API
-        # token, server secret and database URL. A job's processes are told what they need
-        # (workers.job_env) by the dispatcher.
-        **{k: v for k, v in os.environ.items() if not k.startswith("ADVORCH_")},
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_file),
-        # On SIGTERM a head first waits up to 30 s for its node to drain (for Ray Serve);
-        # when the service stops, nothing of this cluster is left to drain for.
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        # Ray's worker processes import torch and the trial's code as they start, before a
-        # trial asks for one, so that a trial's process is ready sooner.
-        "RAY_preload_python_modules": PRELOADED_MODULES,
-        # Job entrypoints run `python -m workers.entrypoint`: this Python, with advorch in it.
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = head_environment(token_file, bin_dir)
     log_file = settings.home / "ray-head.log"
     with log_file.open("wb") as log:
         process = subprocess.Popen(
@@ -116,6 +103,7 @@ def start_local_head(settings: Settings) -> LocalRayHead:
         gcs_address=f"127.0.0.1:{gcs_port}",
         dashboard_url=f"http://127.0.0.1:{dashboard_port}",
         auth_token=token,
+        token_file=token_file,
         log_file=log_file,
     )
     try:
@@ -124,6 +112,30 @@ def start_local_head(settings: Settings) -> LocalRayHead:
         head.stop()
         raise
     return head
+
+
+def head_environment(
+    token_file: Path, bin_dir: Path, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The environment of the local Ray head, which every process of its cluster (each job's
+    driver, trial and Train worker) inherits: the service's own, less every ``ADVORCH_``
+    setting. Those hold the admin's API token, the server secret that worker tokens are
+    derived from and the database URL with its password; a job's code would read them from
+    its environment, and Ray shows a node's environment. A job's processes are told what they
+    need (workers.job_env) by the dispatcher, in the job's runtime_env."""
+    return {
+        **{k: v for k, v in environ.items() if not k.startswith("ADVORCH_")},
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        # On SIGTERM a head first waits up to 30 s for its node to drain (for Ray Serve);
+        # when the service stops, nothing of this cluster is left to drain for.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # Ray's worker processes import torch and the trial's code as they start, before a
+        # trial asks for one, so that a trial's process is ready sooner.
+        "RAY_preload_python_modules": PRELOADED_MODULES,
+        # Job entrypoints run `python -m workers.entrypoint`: this Python, with advorch in it.
+        "PATH": f"{bin_dir}{os.pathsep}{environ.get('PATH', '')}",
+    }
 
 
 def _wait_for_jobs_api(head: LocalRayHead) -> None:
@@ -184,9 +196,22 @@ def cluster_auth_token() -> str | None:
     """The token of a cluster of the user's own, from where Ray itself looks for it."""
     if token := os.environ.get("RAY_AUTH_TOKEN"):
         return token.strip()
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    path = Path(token_path) if token_path else Path.home() / ".ray" / "auth_token"
+    path = _cluster_auth_token_file()
     return path.read_text().strip() if path.is_file() else None
+
+
+def cluster_auth_token_source() -> str:
+    """Where ``cluster_auth_token`` found the token, in words (for the serve banner: the
+    dashboard asks for the token before it shows anything)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = _cluster_auth_token_file()
+    return f"in {path}" if path.is_file() else "none found (RAY_AUTH_TOKEN is unset)"
+
+
+def _cluster_auth_token_file() -> Path:
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(token_path) if token_path else Path.home() / ".ray" / "auth_token"
 
 
 class RayJobs:

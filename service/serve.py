@@ -23,7 +23,13 @@ from api.main import create_app
 from service.auth import ensure_api_token
 from service.db import make_engine, make_session_factory, upgrade_database
 from service.dispatcher import dispatch
-from service.ray_cluster import LocalRayHead, RayJobs, cluster_auth_token, start_local_head
+from service.ray_cluster import (
+    LocalRayHead,
+    RayJobs,
+    cluster_auth_token,
+    cluster_auth_token_source,
+    start_local_head,
+)
 from service.reconciler import reconcile
 from service.settings import Settings
 from service.storage import check_storage_uri, warn_if_local_on_a_cluster
@@ -52,8 +58,10 @@ def serve(settings: Settings) -> None:
             log.info("starting a local Ray head (log: %s)", settings.home / "ray-head.log")
             head = start_local_head(settings)
             ray_jobs = RayJobs(head.dashboard_url, head.auth_token)
+            ray_token = f"in {head.token_file}"
         else:
             ray_jobs = RayJobs(settings.ray_address, cluster_auth_token())
+            ray_token = cluster_auth_token_source()
             warn_if_local_on_a_cluster(storage_uri, ray_jobs.alive_nodes() or 1)
         session_factory = make_session_factory(engine)
         threads = [
@@ -70,7 +78,7 @@ def serve(settings: Settings) -> None:
                 lambda: dispatch(session_factory, ray_jobs, settings),
             ),
         ]
-        print(_banner(settings, ray_jobs), flush=True)
+        print(_banner(settings, ray_jobs, ray_token), flush=True)
         config = uvicorn.Config(
             create_app(settings, ray_jobs), host=settings.host, port=settings.port
         )
@@ -110,7 +118,9 @@ def _every(
     return thread
 
 
-def _banner(settings: Settings, ray_jobs: RayJobs) -> str:
+def _banner(settings: Settings, ray_jobs: RayJobs, ray_token: str) -> str:
+    """What `advorch serve` prints once it is up: where the API and the Ray dashboard are, and
+    where the token each asks for is (the dashboard shows nothing without Ray's)."""
     api_url = f"http://{settings.host}:{settings.port}"
     token = (
         "ADVORCH_API_TOKEN"
@@ -120,7 +130,7 @@ def _banner(settings: Settings, ray_jobs: RayJobs) -> str:
     return (
         f"advorch is serving\n"
         f"  API:           {api_url}  (docs at {api_url}/docs)\n"
-        f"  Ray dashboard: {ray_jobs.address}\n"
+        f"  Ray dashboard: {ray_jobs.address}  (its token: {ray_token})\n"
         f"  API token:     {token}"
     )
 

@@ -216,6 +216,194 @@ def test_checkpoints_are_on_a_volume_shared_by_api_and_every_ray_node(
         assert mounts["datasets"] == env["ADVORCH_DATA_DIR"], name
 
 
+def _under(path: str, folder: str) -> bool:
+    return Path(path).is_relative_to(folder)
+
+
+def _named_volumes(service: dict[str, Any]) -> dict[str, str]:
+    """mount path -> named volume, of a rendered service: Compose v2 writes the long syntax
+    (a mapping), docker-compose 1.29 the short one (``name:/path:rw``)."""
+    mounts: dict[str, str] = {}
+    for mount in service.get("volumes", []):
+        if isinstance(mount, dict):
+            if mount.get("type") == "volume":
+                mounts[mount["target"]] = mount["source"]
+        else:
+            source, target = mount.split(":")[:2]
+            if not source.startswith((".", "/")):  # a bind mount names a host path
+                mounts[target] = source
+    return mounts
+
+
+@pytest.mark.parametrize("tool", COMPOSE_TOOLS)
+def test_the_api_keeps_its_secret_and_artifacts_on_volumes(
+    tool: Callable[[], list[str]], tmp_path: Path
+) -> None:
+    """Recreating the `api` container (an upgrade, `up --force-recreate`) must keep the server
+    secret, or every running job's worker token stops opening its routes, and the artifact
+    store, or the checkpoints users download are gone. Checked as each compose version renders
+    the CPU and the GPU stack."""
+    for files in (CPU_FILES, GPU_FILES):
+        rendered = render(tool, files, tmp_path)
+        api = rendered["services"]["api"]
+        env = api["environment"]
+        named = _named_volumes(api)
+        for variable in ("ADVORCH_HOME", "ADVORCH_ARTIFACTS"):
+            folder = env[variable]
+            assert Path(folder).is_absolute(), variable
+            volumes = [source for target, source in named.items() if _under(folder, target)]
+            assert volumes, f"{variable}={folder} is on no named volume: lost when recreated"
+            assert set(volumes) <= set(rendered["volumes"]), variable
+        # The secret stays with the API: no Ray node mounts the volume it is on.
+        home_volume = named[env["ADVORCH_HOME"]]
+        for name in ("ray-head", "ray-worker"):
+            assert home_volume not in _named_volumes(rendered["services"][name]).values(), name
+
+
+KUBERAY = ROOT / "deploy" / "kuberay.yaml"
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> dict[str, dict[str, Any]]:
+    """deploy/kuberay.yaml's documents, by "Kind/name"."""
+    documents = [doc for doc in yaml.safe_load_all(KUBERAY.read_text()) if doc is not None]
+    for doc in documents:
+        assert {"apiVersion", "kind", "metadata"} <= set(doc), doc
+    by_name = {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in documents}
+    assert len(by_name) == len(documents), "two documents of one kind share a name"
+    return by_name
+
+
+def _one(kuberay: dict[str, dict[str, Any]], kind: str) -> dict[str, Any]:
+    (doc,) = [doc for key, doc in kuberay.items() if key.startswith(f"{kind}/")]
+    return doc
+
+
+def _pods(kuberay: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The pod spec of the Ray head, of each worker group and of the API."""
+    cluster = _one(kuberay, "RayCluster")["spec"]
+    pods = {"head": cluster["headGroupSpec"]["template"]["spec"]}
+    for group in cluster["workerGroupSpecs"]:
+        pods[f"worker:{group['groupName']}"] = group["template"]["spec"]
+    pods["api"] = _one(kuberay, "Deployment")["spec"]["template"]["spec"]
+    return pods
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    """name -> value, or -> the valueFrom mapping (a Secret's key)."""
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def _claims_by_path(pod: dict[str, Any]) -> dict[str, str]:
+    """mount path -> the PersistentVolumeClaim mounted there (with its subPath, if any)."""
+    claims = {
+        volume["name"]: volume["persistentVolumeClaim"]["claimName"]
+        for volume in pod.get("volumes", [])
+        if "persistentVolumeClaim" in volume
+    }
+    (container,) = pod["containers"]
+    return {
+        mount["mountPath"]: claims[mount["name"]] + "/" + mount.get("subPath", "")
+        for mount in container.get("volumeMounts", [])
+        if mount["name"] in claims
+    }
+
+
+def test_the_kuberay_example_runs_the_compose_image_everywhere(
+    kuberay: dict[str, dict[str, Any]], compose: dict[str, Any]
+) -> None:
+    assert {"RayCluster", "Deployment", "Service", "PersistentVolumeClaim"} <= {
+        doc["kind"] for doc in kuberay.values()
+    }
+    cluster = _one(kuberay, "RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    assert cluster["spec"]["rayVersion"] == locked_versions()["ray"]  # the image's Ray
+    # The compose image's default tag, the one `docker compose build` makes.
+    (image,) = {
+        re.sub(r"\$\{ADVORCH_IMAGE:-(.+)\}", r"\1", service["image"])
+        for service in compose["services"].values()
+        if "ADVORCH_IMAGE" in service.get("image", "")
+    }
+    pods = _pods(kuberay)
+    assert any(name.startswith("worker:") for name in pods)
+    for name, pod in pods.items():
+        (container,) = pod["containers"]
+        assert container["image"] == image, name
+
+
+def test_the_kuberay_nodes_and_the_api_share_the_ray_token_and_the_storage(
+    kuberay: dict[str, dict[str, Any]],
+) -> None:
+    pods = _pods(kuberay)
+    api_env = _env(pods["api"]["containers"][0])
+    token_sources = set()
+    for name, pod in pods.items():
+        env = _env(pod["containers"][0])
+        assert env["RAY_AUTH_MODE"] == "token", name
+        assert "secretKeyRef" in env["RAY_AUTH_TOKEN"], f"{name}: the Ray token is not a Secret's"
+        token_sources.add(yaml.safe_dump(env["RAY_AUTH_TOKEN"]))
+        # Ray Train's checkpoints and the data sets: one claim, at the path the API hands to
+        # every job, on every node.
+        claims = _claims_by_path(pod)
+        for variable in ("ADVORCH_STORAGE_URI", "ADVORCH_DATA_DIR"):
+            assert (
+                claims.get(api_env[variable]) == _claims_by_path(pods["api"])[api_env[variable]]
+            ), f"{name}: {variable} is not the API's claim"
+    assert len(token_sources) == 1
+    for variable in ("ADVORCH_STORAGE_URI", "ADVORCH_DATA_DIR"):
+        claim = _claims_by_path(pods["api"])[api_env[variable]].split("/")[0]
+        assert "ReadWriteMany" in kuberay[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"]
+
+
+def test_the_kuberay_api_reaches_the_head_and_keeps_its_secret(
+    kuberay: dict[str, dict[str, Any]],
+) -> None:
+    cluster = _one(kuberay, "RayCluster")
+    head = cluster["spec"]["headGroupSpec"]
+    pods = _pods(kuberay)
+    api = pods["api"]["containers"][0]
+    env = _env(api)
+
+    # ADVORCH_RAY_ADDRESS: KubeRay's head service, <cluster>-head-svc, on the dashboard's port.
+    ray = urlparse(env["ADVORCH_RAY_ADDRESS"])
+    assert ray.hostname == f"{cluster['metadata']['name']}-head-svc"
+    assert str(ray.port) == head["rayStartParams"].get("dashboard-port", "8265")
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert head["rayStartParams"]["num-gpus"] == "0"  # trials train on the workers
+
+    # The workers train on GPUs.
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, group["groupName"]
+
+    # The API: its tokens from the Secret, its home (the server secret) and artifact store on
+    # a claim of its own, which no Ray node mounts.
+    assert "secretKeyRef" in env["ADVORCH_API_TOKEN"]
+    assert "secretKeyRef" in env["ADVORCH_DATABASE_URL"]
+    api_claims = _claims_by_path(pods["api"])
+    for variable in ("ADVORCH_HOME", "ADVORCH_ARTIFACTS"):
+        assert env[variable] in api_claims, f"{variable} is on no claim: lost with the pod"
+        claim = api_claims[env[variable]].split("/")[0]
+        for name, pod in pods.items():
+            if name != "api":
+                assert claim not in {c.split("/")[0] for c in _claims_by_path(pod).values()}
+    assert api_claims[env["ADVORCH_HOME"]] != api_claims[env["ADVORCH_ARTIFACTS"]]
+
+    # Workers post back to ADVORCH_PUBLIC_URL: the Service in front of the API's pods.
+    service = _one(kuberay, "Service")
+    deployment = _one(kuberay, "Deployment")
+    public = urlparse(env["ADVORCH_PUBLIC_URL"])
+    assert public.hostname == service["metadata"]["name"]
+    (port,) = [p for p in service["spec"]["ports"] if p["port"] == public.port]
+    (container_port,) = [p for p in api["ports"] if p["name"] == port["targetPort"]]
+    assert str(container_port["containerPort"]) == env["ADVORCH_PORT"]
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+
+
 def dockerfile_instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of each line of the Dockerfile, continuation lines joined."""
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
