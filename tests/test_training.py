@@ -23,6 +23,7 @@ EPOCH_METRICS = {
     "val_clean_acc",
     "val_robust_acc",
     "lr",
+    "train_epsilon",
     "epoch_seconds",
     "images_per_second",
     "best_epoch",
@@ -94,7 +95,7 @@ def without_timings(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
 # -- one step and the schedules ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "fgsm_rs"])
+@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "fgsm_rs", "mart"])
 def test_a_train_step_updates_the_model_and_returns_device_tensors(method: str) -> None:
     torch.manual_seed(0)
     x, y = load_dataset("digits", "train")
@@ -116,10 +117,10 @@ def test_a_train_step_updates_the_model_and_returns_device_tensors(method: str) 
 def test_an_unknown_method_is_an_error() -> None:
     model = build_model("small_cnn", in_channels=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="unknown method 'mart'"):
+    with pytest.raises(ValueError, match="unknown method 'madry'"):
         adversarial_train_step(
             model, optimizer, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.int64),
-            method="mart", epsilon=0.1, step_size=0.1, steps=1,
+            method="madry", epsilon=0.1, step_size=0.1, steps=1,
         )  # fmt: skip
 
 
