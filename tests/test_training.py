@@ -257,3 +257,47 @@ def test_cifar10_trains_end_to_end_from_a_data_folder(
     assert set(run.result) == {"clean_acc", "robust_acc", "best_epoch"}
     meta = read_checkpoint_meta(run.checkpoint_copies[0] / "best.pt")
     assert (meta["input_shape"], meta["num_classes"]) == ([3, 32, 32], 10)
+
+
+# -- the epsilon warm-up ---------------------------------------------------------------------
+
+
+def test_the_training_epsilon_follows_the_warmup_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """epsilon_warmup_epochs 2 of 3: every step's epsilon and step size are the spec's times
+    step / (2 * steps per epoch), then the spec's; each epoch reports its last step's as
+    train_epsilon; validation attacks at the full evaluation epsilon throughout."""
+    from workers import training as training_module
+
+    used: list[tuple[float, float]] = []
+    validated_at: list[float] = []
+    real_step = training_module.adversarial_train_step
+    real_robust_accuracy = training_module.robust_accuracy
+
+    def recording_step(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        used.append((kwargs["epsilon"], kwargs["step_size"]))
+        return real_step(*args, **kwargs)
+
+    def recording_robust_accuracy(*args: Any, **kwargs: Any) -> float:
+        validated_at.append(kwargs["epsilon"])
+        return real_robust_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(training_module, "adversarial_train_step", recording_step)
+    monkeypatch.setattr(training_module, "robust_accuracy", recording_robust_accuracy)
+    spec = make_spec(
+        epochs=3, batch_size=128, attack_steps=1, epsilon_warmup_epochs=2, step_size=0.04
+    )
+    metrics: list[dict[str, float]] = []
+    run_training(spec, lambda m, _: metrics.append(m), device=torch.device("cpu"))
+
+    per_epoch = 1077 // 128  # digits' training split, incomplete batches dropped
+    warmup = 2 * per_epoch
+    assert len(used) == 3 * per_epoch
+    for step, (epsilon, step_size) in enumerate(used):
+        scale = min(1.0, step / warmup)
+        assert epsilon == pytest.approx(0.1 * scale, abs=1e-12)
+        assert step_size == pytest.approx(0.04 * scale, abs=1e-12)
+    assert used[0] == (0.0, 0.0) and used[warmup] == (pytest.approx(0.1), pytest.approx(0.04))
+    assert [m["train_epsilon"] for m in metrics] == pytest.approx(
+        [0.1 * (per_epoch - 1) / warmup, 0.1 * (2 * per_epoch - 1) / warmup, 0.1]
+    )
+    assert validated_at == [0.1, 0.1, 0.1]
