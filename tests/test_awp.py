@@ -129,7 +129,9 @@ def spec(awp: dict[str, Any] | None) -> JobSpec:
     }
     if awp is not None:
         training["awp"] = awp
-    return JobSpec.model_validate({"name": "awp", "dataset": {"name": "digits"}, "training": training})
+    return JobSpec.model_validate(
+        {"name": "awp", "dataset": {"name": "digits"}, "training": training}
+    )
 
 
 def trained_weights(spec: JobSpec, tmp_path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -80,8 +80,9 @@ def test_the_state_round_trips() -> None:
     restored = WeightAverage(tiny(), decay=0.9)
     restored.load_state_dict(average.state_dict())
     assert restored.steps == 1
-    for a, b in zip(restored.model.state_dict().values(), average.model.state_dict().values()):
-        assert torch.equal(a, b)
+    expected = average.model.state_dict()
+    for name, value in restored.model.state_dict().items():
+        assert torch.equal(value, expected[name])
 
 
 def ema_spec(**training: Any) -> JobSpec:

@@ -1,11 +1,11 @@
 """The training objectives beyond plain cross-entropy.
 
-    TRADES (Zhang et al. 2019): cross-entropy on clean inputs plus beta times the KL divergence
-        between the model's predictions on clean and on adversarial inputs.
-    MART (Wang et al. 2020, "Improving Adversarial Robustness Requires Revisiting Misclassified
-        Examples", official code github.com/YisenWang/MART): boosted cross-entropy on the
-        adversarial example plus beta times the KL term weighted by how wrong the clean
-        prediction is, 1 - p_y(clean).
+TRADES (Zhang et al. 2019): cross-entropy on clean inputs plus beta times the KL divergence
+    between the model's predictions on clean and on adversarial inputs.
+MART (Wang et al. 2020, "Improving Adversarial Robustness Requires Revisiting Misclassified
+    Examples", official code github.com/YisenWang/MART): boosted cross-entropy on the
+    adversarial example plus beta times the KL term weighted by how wrong the clean
+    prediction is, 1 - p_y(clean).
 """
 
 from __future__ import annotations

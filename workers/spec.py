@@ -400,7 +400,9 @@ class JobSpec(StrictModel):
             field = path.split(".")[1]
             takes = METHOD_ONLY_FIELDS.get(field)
             if takes is not None and not methods & takes:
-                message = f"no trial's method ({', '.join(sorted(map(str, methods)))}) takes {field}"
+                message = (
+                    f"no trial's method ({', '.join(sorted(map(str, methods)))}) takes {field}"
+                )
                 raise field_error(loc, message, path)
             for value in space.candidate_values():
                 try:
@@ -435,8 +437,8 @@ class JobSpec(StrictModel):
 
         Defaults follow the trial's own values: a ``pgd_at`` trial of a sweep based on
         ``fgsm_rs`` takes PGD's step size and steps, and beta and awp go only to the methods
-        that have them. A sweep over training.epsilon keeps the step-size-to-epsilon ratio (epsilon / 4
-        unless the spec sets step_size; then the spec's ratio), unless it sweeps
+        that have them. A sweep over training.epsilon keeps the step-size-to-epsilon ratio
+        (epsilon / 4 unless the spec sets step_size; then the spec's ratio), unless it sweeps
         training.step_size too. The evaluation stays the job's, so trials of a sweep over
         training.epsilon are all attacked at the same radius and compare.
         """

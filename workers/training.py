@@ -428,9 +428,7 @@ def run_training(
         with tempfile.TemporaryDirectory(prefix="advorch-ckpt-", ignore_cleanup_errors=True) as d:
             checkpoint_dir = Path(d)
             best.save(checkpoint_dir / BEST_CHECKPOINT, meta)
-            _save_state(
-                checkpoint_dir / STATE_CHECKPOINT, epoch, step, model, optimizer, best, ema
-            )
+            _save_state(checkpoint_dir / STATE_CHECKPOINT, epoch, step, model, optimizer, best, ema)
             report(metrics, checkpoint_dir)
 
     if rank != 0:
