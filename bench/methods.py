@@ -4,9 +4,11 @@ with an EMA of the weights, and MART, each trained with the project's own ``run_
 (chosen on validation; the EMA model for the EMA rows) attacked on the test split by PGD-20
 and by AutoAttack "standard" (the reference pyautoattack, through workers.autoattack).
 
-    python bench/methods.py                        # 3 seeds, AutoAttack on 150 test points
+    python bench/methods.py                        # 3 seeds, AutoAttack on 120 test points
     python bench/methods.py --seeds 1 --rows TRADES MART
     python bench/methods.py --results /tmp/methods.jsonl   # keeps each run; a rerun skips them
+    python bench/methods.py --only-seed 1 --threads 1 &    # one process per seed, in parallel
+    python bench/methods.py --table                        # the table of what the file holds
 
 Each run is appended to ``--results`` as one JSON line as soon as it ends, so a long run that
 is interrupted loses at most one model; the table (mean ± std over seeds, markdown) is printed
@@ -145,14 +147,22 @@ def table(results: list[dict[str, Any]], rows: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--examples", type=int, default=150, help="AutoAttack's test points")
+    parser.add_argument("--examples", type=int, default=120, help="AutoAttack's test points")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--results", type=Path, default=Path("/tmp/advorch-methods.jsonl"))
+    parser.add_argument("--only-seed", type=int, default=None, help="run this seed only")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads")
+    parser.add_argument("--table", action="store_true", help="only print the table")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     done: list[dict[str, Any]] = []
     if args.results.exists():
         done = [json.loads(line) for line in args.results.read_text().splitlines() if line]
+    if args.table:
+        print(table([r for r in done if r["seed"] < args.seeds], args.rows))
+        return
     print(
         f"digits small_cnn, eps 0.1, {EPOCHS} epochs, seeds 0-{args.seeds - 1}; CPU "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
@@ -161,7 +171,8 @@ def main() -> None:
         flush=True,
     )
     # Seed by seed, so that an interrupted run has every row for the seeds it finished.
-    for seed in range(args.seeds):
+    seeds = [args.only_seed] if args.only_seed is not None else list(range(args.seeds))
+    for seed in seeds:
         for row in args.rows:
             if any(r["row"] == row and r["seed"] == seed for r in done):
                 continue
