@@ -9,6 +9,7 @@ and by AutoAttack "standard" (the reference pyautoattack, through workers.autoat
     python bench/methods.py --results /tmp/methods.jsonl   # keeps each run; a rerun skips them
     python bench/methods.py --only-seed 1 --threads 1 &    # one process per seed, in parallel
     python bench/methods.py --table                        # the table of what the file holds
+    python bench/methods.py --step-cost                    # AWP's cost per training step
 
 Each run is appended to ``--results`` as one JSON line as soon as it ends, so a long run that
 is interrupted loses at most one model; the table (mean ± std over seeds, markdown) is printed
@@ -111,6 +112,51 @@ def run_one(row: str, seed: int, examples: int) -> dict[str, Any]:
     }
 
 
+def step_cost(rounds: int) -> None:
+    """AWP's cost per step, apart from the rest of a run: one training step of each of TRADES,
+    TRADES+AWP, PGD-AT and PGD-AT+AWP on the same digits batch of 64, in turn, ``rounds`` times
+    after one untimed round; the fastest and the median of each (on a shared machine the
+    slower steps add only other processes' time), and AWP's ratio to its base."""
+    from workers.awp import AdversarialWeightPerturbation
+    from workers.models import build_model
+    from workers.training import adversarial_train_step
+
+    x, y = load_dataset("digits", "train")
+    x, y = x[:64], y[:64]
+    kinds = {
+        "TRADES": ("trades", None),
+        "TRADES+AWP": ("trades", 0.005),
+        "PGD-AT": ("pgd_at", None),
+        "PGD-AT+AWP": ("pgd_at", 0.01),
+    }
+    torch.manual_seed(0)
+    model = build_model("small_cnn", in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    awps = {
+        name: AdversarialWeightPerturbation(model, gamma=gamma) if gamma else None
+        for name, (_, gamma) in kinds.items()
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in kinds}
+    for index in range(rounds + 1):
+        for name, (method, _) in kinds.items():
+            started = time.perf_counter()
+            adversarial_train_step(
+                model, optimizer, x, y, method=method, epsilon=0.1, step_size=0.025, steps=10,
+                awp=awps[name],
+            )  # fmt: skip
+            if index > 0:
+                seconds[name].append(time.perf_counter() - started)
+    print("| step | fastest s | median s | vs its base (fastest) | vs its base (median) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, times in seconds.items():
+        base = seconds[name.removesuffix("+AWP")]
+        print(
+            f"| {name} | {min(times):.3f} | {statistics.median(times):.3f} "
+            f"| {min(times) / min(base):.2f}x "
+            f"| {statistics.median(times) / statistics.median(base):.2f}x |"
+        )
+
+
 def mean_std(values: list[float], scale: float = 100.0) -> str:
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
@@ -153,9 +199,13 @@ def main() -> None:
     parser.add_argument("--only-seed", type=int, default=None, help="run this seed only")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads")
     parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument("--step-cost", type=int, nargs="?", const=20, default=None)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.step_cost is not None:
+        step_cost(args.step_cost)
+        return
 
     done: list[dict[str, Any]] = []
     if args.results.exists():

@@ -236,6 +236,27 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_ended(
     assert resumed.result == whole.result
 
 
+def test_a_resumed_run_with_awp_ema_and_warmup_continues_exactly(tmp_path: Path) -> None:
+    """The average is part of the state (state.pt), and the warm-up and AWP follow the run's
+    step and epoch: resumed after epoch 1, the run is the whole one's."""
+    spec = make_spec(
+        dataset="synthetic",
+        epochs=2,
+        attack_steps=3,
+        awp={"gamma": 0.01},
+        ema={"decay": 0.5},
+        epsilon_warmup_epochs=2,
+    )
+    whole = train(spec, tmp_path / "whole")
+
+    resumed = train(spec, tmp_path / "resumed", resume_from=whole.checkpoint_copies[0])
+
+    assert [m["epoch"] for m in resumed.metrics] == [2]
+    assert without_timings(resumed.metrics) == without_timings(whole.metrics[1:])
+    assert resumed.result == whole.result
+    assert read_checkpoint_meta(whole.checkpoint_copies[-1] / "best.pt")["weights"] == "ema"
+
+
 def test_a_rank_other_than_zero_trains_its_shard_and_reports_without_checkpoints(
     synthetic_spec: JobSpec, tmp_path: Path
 ) -> None:
