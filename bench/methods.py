@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -157,6 +158,16 @@ def step_cost(rounds: int) -> None:
         )
 
 
+def claim(folder: Path, row: str, seed: int) -> bool:
+    """Whether this process is the first to claim ``(row, seed)`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / f"{row}-{seed}", os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
 def mean_std(values: list[float], scale: float = 100.0) -> str:
     mean = statistics.fmean(values) * scale
     std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
@@ -199,6 +210,14 @@ def main() -> None:
     parser.add_argument("--only-seed", type=int, default=None, help="run this seed only")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads")
     parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument(
+        "--claims",
+        type=Path,
+        default=None,
+        help="a folder where each process claims its (row, seed) before running it, so that "
+        "several processes (one --reverse) share the work without doing any twice",
+    )
+    parser.add_argument("--reverse", action="store_true", help="run the rows last to first")
     parser.add_argument("--step-cost", type=int, nargs="?", const=20, default=None)
     args = parser.parse_args()
     if args.threads is not None:
@@ -222,9 +241,12 @@ def main() -> None:
     )
     # Seed by seed, so that an interrupted run has every row for the seeds it finished.
     seeds = [args.only_seed] if args.only_seed is not None else list(range(args.seeds))
+    rows = args.rows[::-1] if args.reverse else args.rows
     for seed in seeds:
-        for row in args.rows:
+        for row in rows:
             if any(r["row"] == row and r["seed"] == seed for r in done):
+                continue
+            if args.claims is not None and not claim(args.claims, row, seed):
                 continue
             result = run_one(row, seed, args.examples)
             done.append(result)
