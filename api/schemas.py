@@ -49,6 +49,8 @@ MAX_OFFSET = 2**31 - 1
 
 # An accuracy as a fraction in [0, 1].
 Accuracy = Annotated[float, Field(ge=0, le=1)]
+# Which weights a trial's numbers are of (workers.training.TRAINED_WEIGHTS, EMA_WEIGHTS).
+Weights = Literal["trained", "ema"]
 
 
 class BestTrialPublic(BaseModel):
@@ -155,6 +157,11 @@ class TrialPublic(BaseModel):
     best_epoch: int | None
     val_clean_acc: float | None = Field(description="Validation split, at the best epoch.")
     val_robust_acc: float | None
+    weights: Weights | None = Field(
+        description="Which weights every number of the trial is of (its validation, best epoch, "
+        "checkpoint and test accuracies): 'trained', or 'ema', the exponential moving average "
+        "of the weights (training.ema)."
+    )
     checkpoint: CheckpointPublic | None
     error: str | None
     reason: str | None = Field(description="Why it ended, when not succeeded.")
@@ -205,6 +212,11 @@ class EpochMetricsPublic(BaseModel):
     val_clean_acc: float | None
     val_robust_acc: float | None
     lr: float | None
+    train_epsilon: float | None = Field(
+        description="The training epsilon at the epoch's last step: below training.epsilon "
+        "during its warm-up (training.epsilon_warmup_epochs); evaluation is always at the full "
+        "evaluation epsilon."
+    )
     epoch_seconds: float | None
     images_per_second: float | None
 
@@ -276,6 +288,7 @@ class TrialReport(BaseModel):
     best_epoch: Annotated[int, Field(ge=1)] | None = None
     val_clean_acc: Accuracy | None = None
     val_robust_acc: Accuracy | None = None
+    weights: Weights | None = None
     error: ReportText | None = None
     reason: ReportText | None = None
 
@@ -300,6 +313,7 @@ class EpochMetricsReport(BaseModel):
     val_clean_acc: float | None = None
     val_robust_acc: float | None = None
     lr: float | None = None
+    train_epsilon: Annotated[float, Field(ge=0, le=1)] | None = None
     epoch_seconds: float | None = None
     images_per_second: float | None = None
 

@@ -259,12 +259,16 @@ def results(
         ]
         if with_autoattack:
             row += [_pct(trial["autoattack_acc"]), _autoattack_text(trial["autoattack"])]
-        row += [_pct(trial["val_robust_acc"]), str(trial["best_epoch"] or "-")]
+        # The EMA of the weights (training.ema): every number of the trial is of the average.
+        ema = " (EMA)" if trial.get("weights") == "ema" else ""
+        row += [_pct(trial["val_robust_acc"]), f"{trial['best_epoch'] or '-'}{ema}"]
         table.add_row(*row, "★ best" if trial["key"] == best else "")
     console.print(f"{job['name']} ({job['status']}): {_robust_title(job)}")
     console.print(table)
     if best:
         console.print(f"★ chosen by {job['best_trial']['chosen_by']} at its best epoch")
+    if any(trial.get("weights") == "ema" for trial in trials):
+        console.print("(EMA): validation, best epoch, checkpoint and test are of the EMA weights")
     for trial in trials:
         if trial["status"] != "succeeded" and trial["reason"]:
             console.print(f"{trial['key']} {trial['status']}: {trial['reason']}", highlight=False)

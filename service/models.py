@@ -243,6 +243,9 @@ class Trial(Base):
     best_epoch: Mapped[int | None]
     val_clean_acc: Mapped[float | None] = mapped_column(Float)
     val_robust_acc: Mapped[float | None] = mapped_column(Float)
+    # Which weights all of the above are of: "trained", or "ema" (the exponential moving average
+    # of the weights, training.ema), which is then also what the checkpoint holds.
+    weights: Mapped[str | None] = mapped_column(String(16))
     # The best model so far, as uploaded by the trial's rank 0 into the artifact store.
     checkpoint_epoch: Mapped[int | None]
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64))
@@ -282,6 +285,8 @@ class TrialMetric(Base):
     val_clean_acc: Mapped[float | None] = mapped_column(Float)
     val_robust_acc: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)
+    # The training epsilon at the epoch's last step (below the spec's during a warm-up).
+    train_epsilon: Mapped[float | None] = mapped_column(Float)
     epoch_seconds: Mapped[float | None] = mapped_column(Float)
     images_per_second: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

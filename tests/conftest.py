@@ -282,11 +282,13 @@ def play_workers(
     *,
     epochs: int = 2,
     checkpoints: bool = False,
+    ema: frozenset[str] = frozenset(),
 ) -> None:
     """Post what a job's workers post, through the internal routes: running; for each trial
     ``key -> (beta, clean acc, robust acc)`` its epochs' validation accuracies rising to those
     numbers (with ``checkpoints``, a real small_cnn checkpoint uploaded for the last, best,
-    epoch), its results; then succeeded. Every post must be taken."""
+    epoch), its results (of the EMA weights for the keys in ``ema``); then succeeded. Every
+    post must be taken."""
 
     def expect_ok(response: httpx.Response) -> None:
         assert response.status_code == 200, response.text
@@ -313,6 +315,8 @@ def play_workers(
             "val_clean_acc": clean,
             "val_robust_acc": robust,
         }
+        if key in ema:
+            trial["weights"] = "ema"
         expect_ok(worker.put(f"{base}/trials/{key}", json=trial))
     expect_ok(worker.post(f"{base}/events", json={"status": "succeeded", "reason": "done"}))
 

@@ -344,11 +344,12 @@ def test_the_same_metric_posted_twice_is_one_row(
 WORKER_POSTS: list[tuple[str, dict[str, Any]]] = [
     ("trial", {"config": {"training.beta": 6.0}, "status": "pending"}),
     ("trial", {"config": {"training.beta": 6.0}, "status": "running"}),
-    ("metrics", {"epoch": 1, "train_loss": 0.9, "val_robust_acc": 0.2}),
+    ("metrics", {"epoch": 1, "train_loss": 0.9, "val_robust_acc": 0.2, "train_epsilon": 0.05}),
     ("metrics", {"epoch": 2, "train_loss": 0.6, "val_robust_acc": 0.3}),
-    ("metrics", {"epoch": 2, "lr": 0.05}),
+    ("metrics", {"epoch": 2, "lr": 0.05, "train_epsilon": 0.1}),
     ("trial", {"config": {"training.beta": 6.0}, "status": "succeeded", "robust_acc": 0.3}),
     ("trial", {"config": {"training.beta": 6.0}, "best_epoch": 2, "val_robust_acc": 0.3}),
+    ("trial", {"config": {"training.beta": 6.0}, "weights": "ema"}),
 ]
 # ...and the rows they leave.
 TRIAL_AFTER_POSTS = {
@@ -362,17 +363,26 @@ TRIAL_AFTER_POSTS = {
     "best_epoch": 2,
     "val_clean_acc": None,
     "val_robust_acc": 0.3,
+    "weights": "ema",
     "checkpoint": None,
     "error": None,
     "reason": None,
 }
 METRIC_NAMES = (
-    "train_loss train_acc val_clean_acc val_robust_acc lr epoch_seconds images_per_second"
+    "train_loss train_acc val_clean_acc val_robust_acc lr train_epsilon epoch_seconds "
+    "images_per_second"
 )
 NO_METRICS = dict.fromkeys(METRIC_NAMES.split())
 METRICS_AFTER_POSTS = [
-    {**NO_METRICS, "epoch": 1, "train_loss": 0.9, "val_robust_acc": 0.2},
-    {**NO_METRICS, "epoch": 2, "train_loss": 0.6, "val_robust_acc": 0.3, "lr": 0.05},
+    {**NO_METRICS, "epoch": 1, "train_loss": 0.9, "val_robust_acc": 0.2, "train_epsilon": 0.05},
+    {
+        **NO_METRICS,
+        "epoch": 2,
+        "train_loss": 0.6,
+        "val_robust_acc": 0.3,
+        "lr": 0.05,
+        "train_epsilon": 0.1,
+    },
 ]
 
 
@@ -426,6 +436,8 @@ def test_reports_are_validated(submit: Submit, dispatch: Dispatch) -> None:
         ("POST", f"{trials}/t/metrics", {"train_loss": 0.1}, "epoch"),
         ("POST", f"{trials}/t/metrics", {"epoch": 0}, "epoch"),
         ("POST", f"{trials}/t/metrics", {"epoch": 1, "lr": "fast"}, "lr"),
+        ("POST", f"{trials}/t/metrics", {"epoch": 1, "train_epsilon": 2.0}, "train_epsilon"),
+        ("PUT", f"{trials}/t", {"config": {}, "weights": "swa"}, "weights"),
     ]:
         response = worker.request(method, url, json=body)
         assert response.status_code == 422, (url, body, response.text)

@@ -85,6 +85,7 @@ def test_submit_with_overrides_then_read_everything_back(
         job_id,
         {"trial_0000": (0.0, 0.97, 0.40), "trial_0001": (6.0, 0.95, 0.80)},
         checkpoints=True,
+        ema=frozenset({"trial_0001"}),  # its numbers are of the EMA weights: results say so
     )
 
     listing = advorch("jobs")
@@ -93,6 +94,9 @@ def test_submit_with_overrides_then_read_everything_back(
     assert results.returncode == 0, results.stderr
     best_line = next(line for line in results.stdout.splitlines() if "★" in line)
     assert "trial_0001" in best_line and "beta=6.0" in best_line and "95.0%" in best_line
+    assert "(EMA)" in best_line and "of the EMA weights" in results.stdout
+    other_line = next(line for line in results.stdout.splitlines() if "trial_0000" in line)
+    assert "(EMA)" not in other_line
     status = advorch("status", job_id)
     assert "trials 2/2 done" in status.stdout and "best robust 80.0%" in status.stdout
 

@@ -628,8 +628,12 @@ def test_examples_are_valid_specs(path: Path) -> None:
 
 
 def test_paper_recipes_use_the_fields_attack_settings() -> None:
-    assert len(EXAMPLES) == 3
-    for name in ("pgd_at_cifar10_preactresnet18", "trades_cifar10_wrn34"):
+    assert len(EXAMPLES) == 5
+    for name in (
+        "pgd_at_cifar10_preactresnet18",
+        "trades_cifar10_wrn34",
+        "trades_awp_cifar10_wrn34",
+    ):
         spec = JobSpec.model_validate(
             yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
         )
@@ -647,3 +651,17 @@ def test_paper_recipes_use_the_fields_attack_settings() -> None:
         "trades",
     )
     assert sweep.num_trials() == 4
+    # TRADES-AWP as the official code runs it (csdongxian/AWP): gamma 0.005 from epoch 10.
+    awp = JobSpec.model_validate(
+        yaml.safe_load((ROOT / "examples" / "trades_awp_cifar10_wrn34.yaml").read_text())
+    )
+    assert (awp.model.arch, awp.training.method, awp.training.beta) == ("wrn_34_10", "trades", 6.0)
+    assert awp.training.awp is not None
+    assert (awp.training.awp.gamma, awp.training.awp.warmup_epochs) == (0.005, 9)
+    gamma_sweep = JobSpec.model_validate(
+        yaml.safe_load((ROOT / "examples" / "trades_awp_sweep.yaml").read_text())
+    )
+    assert gamma_sweep.sweep is not None and list(gamma_sweep.sweep.parameters) == [
+        "training.awp.gamma"
+    ]
+    assert gamma_sweep.num_trials() == 4

@@ -43,7 +43,7 @@ from tests.ray_support import (
 )
 from workers.data import load_dataset
 from workers.evaluate import clean_accuracy
-from workers.models import load_checkpoint
+from workers.models import load_checkpoint, read_checkpoint_meta
 from workers.spec import JobSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
@@ -109,6 +109,34 @@ def test_trades_beta_sweep_runs_to_its_results(
     model = load_checkpoint(tmp_path / "best.pt")
     x_test, y_test = load_dataset("digits", "test")
     assert clean_accuracy(model, x_test, y_test) == pytest.approx(trial["clean_acc"])
+
+
+def test_an_awp_gamma_sweep_with_ema_and_warmup_runs_to_its_results(
+    ray_api: httpx.Client, tmp_path: Path
+) -> None:
+    """Issue 12's fields through the whole service: a sweep over the nested training.awp.gamma,
+    with an EMA of the weights and an epsilon warm-up; trials say their numbers are of the EMA
+    weights and each epoch the training epsilon it used."""
+    spec = trades_spec(
+        "awp-sweep",
+        sweep={"parameters": {"training.awp.gamma": {"grid": [0.0, 0.01]}}},
+    )
+    spec["training"] |= {"ema": {"decay": 0.5}, "epsilon_warmup_epochs": 1}
+    job_id = submit(ray_api, spec)
+
+    job = wait_until_finished(ray_api, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    trials = assert_every_trial_ended(ray_api, job_id)
+    assert sorted(t["config"]["training.awp.gamma"] for t in trials) == [0.0, 0.01]
+    for trial in trials:
+        assert trial["status"] == "succeeded" and trial["weights"] == "ema"
+        epochs = get(ray_api, f"/v1/jobs/{job_id}/trials/{trial['key']}/metrics")
+        # 16 steps an epoch, a warm-up of one epoch: epoch 1's last step is at 15/16 of 0.1.
+        assert [e["train_epsilon"] for e in epochs] == pytest.approx([0.1 * 15 / 16, 0.1])
+    response = ray_api.get(f"/v1/jobs/{job_id}/trials/{trials[0]['key']}/checkpoint")
+    assert response.status_code == 200, response.text
+    (tmp_path / "best.pt").write_bytes(response.content)
+    assert read_checkpoint_meta(tmp_path / "best.pt")["weights"] == "ema"
 
 
 def test_a_lost_trial_process_resumes_from_its_last_checkpoint(

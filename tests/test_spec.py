@@ -42,6 +42,46 @@ INVALID_SPECS: list[tuple[dict[str, Any], str]] = [
         "sweep.parameters.training.epsilon",
     ),
     ({"sweep": {"parameters": {}}}, "sweep.parameters"),
+    # AWP, EMA, MART and the epsilon warm-up (issue 12)
+    ({"training": {"method": "fgsm_rs", "awp": {}}}, "training.awp"),
+    ({"training": {"method": "mart", "awp": {"gamma": 0.005}}}, "training.awp"),
+    ({"training": {"method": "standard", "awp": {}}}, "training.awp"),
+    ({"training": {"method": "trades", "awp": {"gamma": -0.1}}}, "training.awp.gamma"),
+    ({"training": {"method": "trades", "awp": {"gama": 0.1}}}, "training.awp.gama"),
+    (
+        {"training": {"method": "trades", "epochs": 3, "awp": {"warmup_epochs": 3}}},
+        "training.awp.warmup_epochs",
+    ),
+    ({"training": {"ema": {"decay": 1.0}}}, "training.ema.decay"),
+    ({"training": {"ema": {"warmup_steps": -1}}}, "training.ema.warmup_steps"),
+    ({"training": {"ema": {"decy": 0.9}}}, "training.ema.decy"),
+    ({"training": {"method": "fgsm_rs", "beta": 6.0}}, "training.beta"),
+    ({"training": {"epochs": 2, "epsilon_warmup_epochs": 3}}, "training.epsilon_warmup_epochs"),
+    ({"training": {"epsilon_warmup_epochs": -1}}, "training.epsilon_warmup_epochs"),
+    (
+        {"training": {"method": "standard", "epsilon_warmup_epochs": 1}},
+        "training.epsilon_warmup_epochs",
+    ),
+    (
+        {"training": {"method": "trades"}, "sweep": grid_sweep(**{"training.awp.gamma": [0, -1]})},
+        "sweep.parameters.training.awp.gamma",
+    ),
+    (
+        {"training": {"method": "trades"}, "sweep": grid_sweep(**{"training.awp.gama": [0.1]})},
+        "sweep.parameters.training.awp.gama",
+    ),
+    (
+        {"training": {"method": "mart"}, "sweep": grid_sweep(**{"training.awp.gamma": [0.01]})},
+        "sweep.parameters.training.awp.gamma",
+    ),
+    (
+        {"training": {"method": "pgd_at"}, "sweep": grid_sweep(**{"training.beta": [1.0]})},
+        "sweep.parameters.training.beta",
+    ),
+    (
+        {"sweep": grid_sweep(**{"training.ema.decay": [0.9, 1.5]})},
+        "sweep.parameters.training.ema.decay",
+    ),
 ]
 
 
@@ -106,6 +146,71 @@ def test_each_trial_of_a_method_sweep_resolves_its_own_methods_defaults() -> Non
     assert spec.trial_spec({"training.method": "trades"}).training.beta == 3.0
     pgd_at = spec.trial_spec({"training.method": "pgd_at"}).training
     assert (pgd_at.beta, pgd_at.attack_steps) == (None, 5)
+
+
+def test_mart_awp_ema_and_warmup_defaults() -> None:
+    training = JobSpec.model_validate(
+        {
+            "name": "new",
+            "training": {"method": "mart", "ema": {}, "epsilon_warmup_epochs": 2},
+        }
+    ).training
+    assert training.beta == 6.0
+    assert training.ema is not None and (training.ema.decay, training.ema.warmup_steps) == (
+        0.999,
+        0,
+    )
+    assert training.awp is None and training.epsilon_warmup_epochs == 2
+    awp = JobSpec.model_validate({"name": "awp", "training": {"awp": {}}}).training.awp
+    assert awp is not None and (awp.gamma, awp.warmup_epochs) == (0.005, 0)
+    plain = JobSpec.model_validate({"name": "plain"}).training
+    assert (plain.awp, plain.ema, plain.epsilon_warmup_epochs) == (None, None, 0)
+
+
+def test_a_sweep_over_nested_fields_sets_them_per_trial() -> None:
+    """``training.awp.gamma`` turns AWP on in a spec without it, and keeps the other AWP field
+    where the spec sets it; ``training.ema.decay`` likewise."""
+    spec = JobSpec.model_validate(
+        {
+            "name": "awp-sweep",
+            "training": {"method": "trades", "epochs": 4, "awp": {"warmup_epochs": 1}},
+            "sweep": grid_sweep(
+                **{"training.awp.gamma": [0, 0.005, 0.01], "training.ema.decay": [0.9, 0.99]}
+            ),
+        }
+    )
+    assert spec.num_trials() == 6
+    trial = spec.trial_spec({"training.awp.gamma": 0.01, "training.ema.decay": 0.9}).training
+    assert trial.awp is not None and (trial.awp.gamma, trial.awp.warmup_epochs) == (0.01, 1)
+    assert trial.ema is not None and (trial.ema.decay, trial.ema.warmup_steps) == (0.9, 0)
+    bare = JobSpec.model_validate(
+        {
+            "name": "bare",
+            "training": {"method": "pgd_at"},
+            "sweep": grid_sweep(**{"training.awp.gamma": [0.0, 0.02]}),
+        }
+    )
+    awp = bare.trial_spec({"training.awp.gamma": 0.02}).training.awp
+    assert awp is not None and (awp.gamma, awp.warmup_epochs) == (0.02, 0)
+
+
+def test_a_method_sweep_gives_awp_and_beta_only_to_methods_that_take_them() -> None:
+    spec = JobSpec.model_validate(
+        {
+            "name": "methods",
+            "training": {"method": "trades", "beta": 3.0, "awp": {"gamma": 0.01}},
+            "sweep": grid_sweep(**{"training.method": ["trades", "pgd_at", "mart", "fgsm_rs"]}),
+        }
+    )
+    trials = {
+        m: spec.trial_spec({"training.method": m}).training
+        for m in ("trades", "pgd_at", "mart", "fgsm_rs")
+    }
+    assert trials["trades"].beta == 3.0 and trials["mart"].beta == 3.0
+    assert trials["pgd_at"].beta is None and trials["fgsm_rs"].beta is None
+    assert trials["trades"].awp is not None and trials["trades"].awp.gamma == 0.01
+    assert trials["pgd_at"].awp is not None and trials["pgd_at"].awp.gamma == 0.01
+    assert trials["mart"].awp is None and trials["fgsm_rs"].awp is None
 
 
 def test_a_sweep_over_epsilon_keeps_the_step_ratio_and_one_evaluation_epsilon() -> None:

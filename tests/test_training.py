@@ -23,6 +23,7 @@ EPOCH_METRICS = {
     "val_clean_acc",
     "val_robust_acc",
     "lr",
+    "train_epsilon",
     "epoch_seconds",
     "images_per_second",
     "best_epoch",
@@ -94,7 +95,7 @@ def without_timings(metrics: list[dict[str, float]]) -> list[dict[str, float]]:
 # -- one step and the schedules ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "fgsm_rs"])
+@pytest.mark.parametrize("method", ["standard", "pgd_at", "trades", "fgsm_rs", "mart"])
 def test_a_train_step_updates_the_model_and_returns_device_tensors(method: str) -> None:
     torch.manual_seed(0)
     x, y = load_dataset("digits", "train")
@@ -116,10 +117,10 @@ def test_a_train_step_updates_the_model_and_returns_device_tensors(method: str) 
 def test_an_unknown_method_is_an_error() -> None:
     model = build_model("small_cnn", in_channels=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="unknown method 'mart'"):
+    with pytest.raises(ValueError, match="unknown method 'madry'"):
         adversarial_train_step(
             model, optimizer, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.int64),
-            method="mart", epsilon=0.1, step_size=0.1, steps=1,
+            method="madry", epsilon=0.1, step_size=0.1, steps=1,
         )  # fmt: skip
 
 
@@ -235,6 +236,27 @@ def test_a_resumed_run_continues_exactly_where_its_checkpoint_ended(
     assert resumed.result == whole.result
 
 
+def test_a_resumed_run_with_awp_ema_and_warmup_continues_exactly(tmp_path: Path) -> None:
+    """The average is part of the state (state.pt), and the warm-up and AWP follow the run's
+    step and epoch: resumed after epoch 1, the run is the whole one's."""
+    spec = make_spec(
+        dataset="synthetic",
+        epochs=2,
+        attack_steps=3,
+        awp={"gamma": 0.01},
+        ema={"decay": 0.5},
+        epsilon_warmup_epochs=2,
+    )
+    whole = train(spec, tmp_path / "whole")
+
+    resumed = train(spec, tmp_path / "resumed", resume_from=whole.checkpoint_copies[0])
+
+    assert [m["epoch"] for m in resumed.metrics] == [2]
+    assert without_timings(resumed.metrics) == without_timings(whole.metrics[1:])
+    assert resumed.result == whole.result
+    assert read_checkpoint_meta(whole.checkpoint_copies[-1] / "best.pt")["weights"] == "ema"
+
+
 def test_a_rank_other_than_zero_trains_its_shard_and_reports_without_checkpoints(
     synthetic_spec: JobSpec, tmp_path: Path
 ) -> None:
@@ -256,3 +278,47 @@ def test_cifar10_trains_end_to_end_from_a_data_folder(
     assert set(run.result) == {"clean_acc", "robust_acc", "best_epoch"}
     meta = read_checkpoint_meta(run.checkpoint_copies[0] / "best.pt")
     assert (meta["input_shape"], meta["num_classes"]) == ([3, 32, 32], 10)
+
+
+# -- the epsilon warm-up ---------------------------------------------------------------------
+
+
+def test_the_training_epsilon_follows_the_warmup_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """epsilon_warmup_epochs 2 of 3: every step's epsilon and step size are the spec's times
+    step / (2 * steps per epoch), then the spec's; each epoch reports its last step's as
+    train_epsilon; validation attacks at the full evaluation epsilon throughout."""
+    from workers import training as training_module
+
+    used: list[tuple[float, float]] = []
+    validated_at: list[float] = []
+    real_step = training_module.adversarial_train_step
+    real_robust_accuracy = training_module.robust_accuracy
+
+    def recording_step(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        used.append((kwargs["epsilon"], kwargs["step_size"]))
+        return real_step(*args, **kwargs)
+
+    def recording_robust_accuracy(*args: Any, **kwargs: Any) -> float:
+        validated_at.append(kwargs["epsilon"])
+        return real_robust_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(training_module, "adversarial_train_step", recording_step)
+    monkeypatch.setattr(training_module, "robust_accuracy", recording_robust_accuracy)
+    spec = make_spec(
+        epochs=3, batch_size=128, attack_steps=1, epsilon_warmup_epochs=2, step_size=0.04
+    )
+    metrics: list[dict[str, float]] = []
+    run_training(spec, lambda m, _: metrics.append(m), device=torch.device("cpu"))
+
+    per_epoch = 1077 // 128  # digits' training split, incomplete batches dropped
+    warmup = 2 * per_epoch
+    assert len(used) == 3 * per_epoch
+    for step, (epsilon, step_size) in enumerate(used):
+        scale = min(1.0, step / warmup)
+        assert epsilon == pytest.approx(0.1 * scale, abs=1e-12)
+        assert step_size == pytest.approx(0.04 * scale, abs=1e-12)
+    assert used[0] == (0.0, 0.0) and used[warmup] == (pytest.approx(0.1), pytest.approx(0.04))
+    assert [m["train_epsilon"] for m in metrics] == pytest.approx(
+        [0.1 * (per_epoch - 1) / warmup, 0.1 * (2 * per_epoch - 1) / warmup, 0.1]
+    )
+    assert validated_at == [0.1, 0.1, 0.1]

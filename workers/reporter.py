@@ -94,7 +94,7 @@ class Reporter:
     ) -> None:
         """Create or update a trial; what is left out (or None) is left as the service has it.
         ``results``: clean_acc, robust_acc, autoattack_acc, autoattack, best_epoch,
-        val_clean_acc, val_robust_acc, reason."""
+        val_clean_acc, val_robust_acc, weights ("trained" or "ema"), reason."""
         body = {"config": dict(config), "status": status, "error": error, **results}
         self._send("PUT", f"/trials/{trial_key}", json=body)
 

@@ -38,10 +38,19 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-Method = Literal["standard", "pgd_at", "trades", "fgsm_rs"]
-ADVERSARIAL_METHODS: frozenset[str] = frozenset({"pgd_at", "trades", "fgsm_rs"})
-# The methods whose loss weighs a robustness term by beta, and beta's default for each.
-BETA_DEFAULTS: dict[str, float] = {"trades": 6.0}
+Method = Literal["standard", "pgd_at", "trades", "fgsm_rs", "mart"]
+ADVERSARIAL_METHODS: frozenset[str] = frozenset({"pgd_at", "trades", "fgsm_rs", "mart"})
+# The methods whose loss weighs a robustness term by beta, and beta's default for each: 6.0 in
+# both papers' CIFAR-10 runs (Zhang et al. 2019; Wang et al. 2020, YisenWang/MART).
+BETA_DEFAULTS: dict[str, float] = {"trades": 6.0, "mart": 6.0}
+# The methods AWP is defined for here: the two of the AWP paper's (Wu et al. 2020) own code
+# (AT_AWP and trades_AWP in csdongxian/AWP).
+AWP_METHODS: frozenset[str] = frozenset({"pgd_at", "trades"})
+# The training fields only some methods take, and those methods.
+METHOD_ONLY_FIELDS: dict[str, frozenset[str]] = {
+    "beta": frozenset(BETA_DEFAULTS),
+    "awp": AWP_METHODS,
+}
 # The attack's steps when the spec leaves them out: 10 in training (Rice et al. use PGD-10,
 # TRADES 10 steps); FGSM-RS is one step by definition.
 DEFAULT_ATTACK_STEPS = 10
@@ -97,6 +106,31 @@ class OptimizerSpec(StrictModel):
     weight_decay: Annotated[float, Field(ge=0)] = 5.0e-4
 
 
+class AWPSpec(StrictModel):
+    """Adversarial Weight Perturbation (Wu et al. 2020, "Adversarial Weight Perturbation Helps
+    Robust Generalization"; workers.awp): each step, the weights are moved by ``gamma`` times
+    each layer's norm in the direction that raises the adversarial loss, the gradient is taken
+    there, and the step applied to the unperturbed weights."""
+
+    # The perturbation's size relative to each layer's weight norm; 0.005 is the paper's choice
+    # for TRADES-AWP and AT-AWP on CIFAR-10 (L-inf). 0 turns AWP off (so a sweep can compare).
+    gamma: Annotated[float, Field(ge=0, le=1)] = 0.005
+    # Epochs trained without AWP before it starts (the official code's --awp-warmup, which
+    # counts from 1: its 10 is 9 epochs without; here, warmup_epochs 9).
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+
+
+class EMASpec(StrictModel):
+    """An exponential moving average of the weights (Gowal et al. 2020, "Uncovering the Limits of
+    Adversarial Training against Norm-Bounded Adversarial Examples"; Rebuffi et al. 2021):
+    ``avg = decay * avg + (1 - decay) * weights`` after every optimizer step (workers.ema)."""
+
+    decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    # For the first warmup_steps optimizer steps the average is the weights themselves (decay 0),
+    # so that it does not average in the random initialisation; then it decays at ``decay``.
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
 class TrainingSpec(StrictModel):
     method: Method = "pgd_at"
     epochs: Annotated[int, Field(ge=1)] = 10
@@ -109,8 +143,17 @@ class TrainingSpec(StrictModel):
     step_size: PositiveFloat | None = None
     # None resolves to 10; FGSM-RS always takes 1.
     attack_steps: Annotated[int, Field(ge=1)] | None = None
-    # TRADES only; None resolves to 6.0 (Zhang et al.) for trades and stays None otherwise.
+    # TRADES and MART only; None resolves to 6.0 (BETA_DEFAULTS) for them, stays None otherwise.
     beta: Annotated[float, Field(ge=0)] | None = None
+    # Adversarial Weight Perturbation (pgd_at and trades only); None: off.
+    awp: AWPSpec | None = None
+    # An exponential moving average of the weights; when on, validation, the best epoch, the
+    # checkpoint and the test evaluation are all of the average. None: off.
+    ema: EMASpec | None = None
+    # A linear ramp of the training epsilon and its step size from 0 to their values over the
+    # first N epochs, step by step (workers.training.warmup_scale). Evaluation always attacks at
+    # the job's full evaluation epsilon. 0: no warm-up.
+    epsilon_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     # BatchNorm while the training attack runs: "eval" uses the running statistics and leaves
     # them alone (the TRADES code); "train" uses the batch's statistics and updates the running
     # ones, as Rice et al.'s and Wong et al.'s scripts do (their model stays in train mode).
@@ -120,9 +163,20 @@ class TrainingSpec(StrictModel):
     @model_validator(mode="after")
     def _resolve_defaults(self) -> TrainingSpec:
         if self.beta is not None and self.method not in BETA_DEFAULTS:
-            raise field_error(
-                ("beta",), f"beta is a TRADES parameter; method {self.method!r} has none", self.beta
-            )
+            message = f"beta is a parameter of trades and mart; method {self.method!r} has none"
+            raise field_error(("beta",), message, self.beta)
+        if self.awp is not None and self.method not in AWP_METHODS:
+            message = f"awp is for methods pgd_at and trades, not {self.method!r}"
+            raise field_error(("awp",), message, self.awp.model_dump())
+        if self.awp is not None and self.awp.warmup_epochs >= self.epochs:
+            message = f"AWP would never start: must be below training.epochs ({self.epochs})"
+            raise field_error(("awp", "warmup_epochs"), message, self.awp.warmup_epochs)
+        if self.epsilon_warmup_epochs > 0 and self.method not in ADVERSARIAL_METHODS:
+            message = f"method {self.method!r} trains on clean inputs: it has no epsilon to warm up"
+            raise field_error(("epsilon_warmup_epochs",), message, self.epsilon_warmup_epochs)
+        if self.epsilon_warmup_epochs > self.epochs:
+            message = f"must be at most training.epochs ({self.epochs})"
+            raise field_error(("epsilon_warmup_epochs",), message, self.epsilon_warmup_epochs)
         if self.beta is None and self.method in BETA_DEFAULTS:
             self.beta = BETA_DEFAULTS[self.method]
         if self.step_size is None:
@@ -335,10 +389,21 @@ class JobSpec(StrictModel):
         """Every value a sweep can give must make a valid trial: a bad grid value is an error
         at submission, naming the parameter, not a failed trial an hour later."""
         schema = TrainingSpec.model_json_schema()
+        method_space = sweep.parameters.get("training.method")
+        methods = set(method_space.candidate_values()) if method_space else {self.training.method}
         for path, space in sweep.parameters.items():
             loc = ("sweep", "parameters", path)
             if not _has_path(schema, path.split(".")[1:]):
                 raise field_error(loc, "names no training field", path)
+            # A method-only field goes only to the trials whose method has it (trial_spec):
+            # swept where no trial's method has it, it would silently change nothing.
+            field = path.split(".")[1]
+            takes = METHOD_ONLY_FIELDS.get(field)
+            if takes is not None and not methods & takes:
+                message = (
+                    f"no trial's method ({', '.join(sorted(map(str, methods)))}) takes {field}"
+                )
+                raise field_error(loc, message, path)
             for value in space.candidate_values():
                 try:
                     self.trial_spec({path: value})
@@ -371,9 +436,9 @@ class JobSpec(StrictModel):
         (``{"training.beta": 3.0}``), resolved again, without the sweep.
 
         Defaults follow the trial's own values: a ``pgd_at`` trial of a sweep based on
-        ``fgsm_rs`` takes PGD's step size and steps, and beta goes only to the methods that
-        have one. A sweep over training.epsilon keeps the step-size-to-epsilon ratio (epsilon / 4
-        unless the spec sets step_size; then the spec's ratio), unless it sweeps
+        ``fgsm_rs`` takes PGD's step size and steps, and beta and awp go only to the methods
+        that have them. A sweep over training.epsilon keeps the step-size-to-epsilon ratio
+        (epsilon / 4 unless the spec sets step_size; then the spec's ratio), unless it sweeps
         training.step_size too. The evaluation stays the job's, so trials of a sweep over
         training.epsilon are all attacked at the same radius and compare.
         """
@@ -391,8 +456,12 @@ class JobSpec(StrictModel):
             training["step_size"] = ratio * new_epsilon
         for path, value in overrides.items():
             data = _set_path(data, path.split("."), value)
-        if data["training"].get("method", "pgd_at") not in BETA_DEFAULTS:
-            data["training"].pop("beta", None)
+        # Method-only fields go only to the trials of methods that have them, so that a sweep
+        # over training.method may set them for the methods that take them.
+        method = data["training"].get("method", "pgd_at")
+        for field, methods in METHOD_ONLY_FIELDS.items():
+            if method not in methods:
+                data["training"].pop(field, None)
         return JobSpec.model_validate(data)
 
 

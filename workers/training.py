@@ -1,7 +1,9 @@
 """Adversarial training: one step, one epoch, and ``run_training`` for a whole job spec.
 
     step:   attack the batch (model frozen: eval-mode BN, input gradients only), then one SGD
-            step of the training loss on the result, in train mode.
+            step of the training loss on the result, in train mode; with AWP, the gradient is
+            taken at adversarially perturbed weights (workers.awp), and an EMA of the weights
+            is updated after the step (workers.ema).
     epoch:  a fresh permutation of the device-resident training split, augmented on the
             device, the learning rate set per step from the schedule.
     run:    epochs, validation clean and PGD accuracy after each, and the best epoch by
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.attacks import AttackBN, fgsm, pgd_linf, trades_attack
+from workers.attacks import AttackBN, fgsm, mart_attack, pgd_linf, trades_attack
+from workers.awp import AdversarialWeightPerturbation, perturbed
 from workers.data import (
     AUGMENTATIONS,
     NORMALIZATIONS,
@@ -39,10 +42,11 @@ from workers.data import (
     load_dataset,
 )
 from workers.device import default_device, logits_of, memory_format, place_model, unwrap
+from workers.ema import WeightAverage
 from workers.evaluate import clean_accuracy, robust_accuracy
-from workers.losses import trades_loss
+from workers.losses import mart_loss, trades_loss
 from workers.models import build_model, save_checkpoint
-from workers.spec import EvaluationSpec, JobSpec, TrainingSpec
+from workers.spec import ADVERSARIAL_METHODS, EvaluationSpec, JobSpec, TrainingSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +72,20 @@ def adversarial_train_step(
     steps: int,
     beta: float = 6.0,
     attack_bn: AttackBN = "eval",
+    awp: AdversarialWeightPerturbation | None = None,
+    ema: WeightAverage | None = None,
 ) -> dict[str, torch.Tensor]:
     """One optimizer step of ``method`` on the batch ``(x, y)``; leaves the model in train mode.
 
     ``method``: ``standard`` (clean inputs), ``pgd_at`` (PGD-``steps`` from a uniform random
-    start, Madry et al.), ``trades`` (the KL attack and the TRADES loss with ``beta``) or
-    ``fgsm_rs`` (one FGSM step of ``step_size`` from a uniform random start, Wong et al.).
+    start, Madry et al.), ``trades`` (the KL attack and the TRADES loss with ``beta``),
+    ``fgsm_rs`` (one FGSM step of ``step_size`` from a uniform random start, Wong et al.) or
+    ``mart`` (PGD on the cross-entropy from the TRADES start and the MART loss with ``beta``,
+    Wang et al. 2020).
     ``attack_bn``: BatchNorm's mode while the attack runs (see ``workers.attacks``).
+    ``awp``: when given, the gradient of the step is taken at the weights perturbed by AWP
+    (Wu et al. 2020), and the step applied to the unperturbed weights (``workers.awp``).
+    ``ema``: when given, updated after the step (``workers.ema``).
     Returns 0-dim tensors on the device, not floats, so that no step waits for the host:
     ``loss`` and ``acc`` (accuracy on the inputs trained on: adversarial ones, or clean ones
     for ``standard``).
@@ -103,20 +114,36 @@ def adversarial_train_step(
         x_train = trades_attack(
             attacked, x, epsilon=epsilon, step_size=step_size, steps=steps, attack_bn=attack_bn
         )
+    elif method == "mart":
+        x_train = mart_attack(
+            attacked, x, y, epsilon=epsilon, step_size=step_size, steps=steps, attack_bn=attack_bn
+        )
     else:
         raise ValueError(f"unknown method {method!r}")
 
+    def loss_of(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of ``net`` on the batch, and the logits of the inputs trained on."""
+        if method in ("trades", "mart"):
+            logits_clean = logits_of(net, x)  # clean first, as the official code does
+            logits = logits_of(net, x_train)
+            objective = trades_loss if method == "trades" else mart_loss
+            return objective(logits_clean, logits, y, beta=beta), logits
+        logits = logits_of(net, x_train)
+        return F.cross_entropy(logits, y), logits
+
     model.train()
-    if method == "trades":
-        logits_clean = logits_of(model, x)  # clean first, as the official code does
-        logits = logits_of(model, x_train)
-        loss = trades_loss(logits_clean, logits, y, beta=beta)
-    else:
-        logits = logits_of(model, x_train)
-        loss = F.cross_entropy(logits, y)
+    perturbation = (
+        awp.perturbation(attacked, lambda proxy: loss_of(proxy)[0]) if awp is not None else {}
+    )
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # With AWP, the loss and its gradient at the perturbed weights; the weights are back to
+    # their exact values before the optimizer steps (workers.awp).
+    with perturbed(attacked, perturbation):
+        loss, logits = loss_of(model)
+        loss.backward()
     optimizer.step()
+    if ema is not None:
+        ema.update(attacked)
     with torch.no_grad():
         accuracy = (logits.argmax(dim=1) == y).float().mean()
     return {"loss": loss.detach(), "acc": accuracy}
@@ -137,6 +164,16 @@ def learning_rate(schedule: str, base_lr: float, progress: float) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """The fraction of the training epsilon (and of its step size) used at ``step`` (0-based,
+    counted over the whole run) during a warm-up of ``warmup_steps`` steps: a linear ramp,
+    ``step / warmup_steps``, from 0 at the first step to 1 from the first step after the
+    warm-up on (``training.epsilon_warmup_epochs`` times the steps per epoch)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -149,23 +186,32 @@ def train_one_epoch(
     steps: int,
     first_step: int,
     total_steps: int,
+    epsilon_warmup_steps: int = 0,
+    awp: AdversarialWeightPerturbation | None = None,
+    ema: WeightAverage | None = None,
 ) -> dict[str, float]:
-    """``steps`` training steps on random batches of the device-resident ``(x, y)``.
+    """``steps`` training steps on random batches of the device-resident ``(x, y)``; the
+    training epsilon and its step size ramped over the first ``epsilon_warmup_steps`` steps of
+    the run (``warmup_scale``); AWP (when given) at every step, the EMA (when given) updated
+    after each.
 
-    Returns ``train_loss`` and ``train_acc`` (means over the examples seen) and ``lr`` (the
-    learning rate of the epoch's last step).
+    Returns ``train_loss`` and ``train_acc`` (means over the examples seen), ``lr`` (the
+    learning rate of the epoch's last step) and ``train_epsilon`` (its training epsilon).
     """
     order = torch.randperm(len(x), device=x.device)
     loss_sum = torch.zeros((), device=x.device)
     correct_sum = torch.zeros((), device=x.device)
     seen = 0
     lr = training.optimizer.lr
+    epsilon = training.epsilon
     for step in range(steps):
         lr = learning_rate(
             training.lr_schedule, training.optimizer.lr, (first_step + step) / total_steps
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
+        scale = warmup_scale(first_step + step, epsilon_warmup_steps)
+        epsilon = training.epsilon * scale
         batch = order[step * batch_size : (step + 1) * batch_size]
         xb = augment(x[batch], augmentation).contiguous(memory_format=memory_format(x.device))
         out = adversarial_train_step(
@@ -174,11 +220,13 @@ def train_one_epoch(
             xb,
             y[batch],
             method=training.method,
-            epsilon=training.epsilon,
-            step_size=_resolved(training.step_size),
+            epsilon=epsilon,
+            step_size=_resolved(training.step_size) * scale,
             steps=int(_resolved(training.attack_steps)),
             beta=training.beta if training.beta is not None else 0.0,
             attack_bn=training.attack_bn,
+            awp=awp,
+            ema=ema,
         )
         loss_sum += out["loss"] * len(batch)
         correct_sum += out["acc"] * len(batch)
@@ -187,6 +235,8 @@ def train_one_epoch(
         "train_loss": loss_sum.item() / seen,
         "train_acc": correct_sum.item() / seen,
         "lr": lr,
+        # What the inputs trained on were attacked at (standard: none, clean inputs).
+        "train_epsilon": epsilon if training.method in ADVERSARIAL_METHODS else 0.0,
     }
 
 
@@ -210,14 +260,29 @@ def pgd_settings(evaluation: EvaluationSpec) -> dict[str, Any]:
     }
 
 
+# What a run's validation, best epoch, checkpoint and test numbers are of: the trained weights,
+# or their exponential moving average (training.ema).
+TRAINED_WEIGHTS = "trained"
+EMA_WEIGHTS = "ema"
+
+
 @dataclass
 class TrainingResult:
     """What a run leaves: its best epoch by validation robust accuracy, that epoch's metrics,
-    and on rank 0 a copy of that epoch's model (in eval mode; None on other ranks)."""
+    on rank 0 a copy of that epoch's model (in eval mode; None on other ranks), and which
+    weights that model is (``TRAINED_WEIGHTS`` or ``EMA_WEIGHTS``)."""
 
     best_epoch: int
     best_metrics: dict[str, float]
     best_model: nn.Module | None
+    weights: str = TRAINED_WEIGHTS
+
+
+def evaluated_model(model: nn.Module, ema: WeightAverage | None) -> nn.Module:
+    """The model a run validates, keeps as its best and evaluates on the test split: the EMA of
+    the weights when the spec has one (as Gowal et al. and Rebuffi et al. evaluate), else the
+    trained model itself."""
+    return ema.model if ema is not None else model
 
 
 def run_training(
@@ -234,9 +299,12 @@ def run_training(
     """Train ``spec`` (its dataset, model, training and evaluation parts) epoch by epoch.
 
     After every epoch, every rank calls ``report(metrics, checkpoint_dir)``: ``metrics`` has
-    ``epoch`` (1-based), ``train_loss``, ``train_acc``, ``lr``, ``epoch_seconds`` and
-    ``images_per_second`` (all ranks together), and on rank 0 ``val_clean_acc``,
-    ``val_robust_acc`` and ``best_epoch`` (the best so far). On rank 0 ``checkpoint_dir`` is
+    ``epoch`` (1-based), ``train_loss``, ``train_acc``, ``lr``, ``train_epsilon`` (the
+    training epsilon of the epoch's last step, below the spec's during a warm-up),
+    ``epoch_seconds`` and ``images_per_second`` (all ranks together), and on rank 0
+    ``val_clean_acc``, ``val_robust_acc`` and ``best_epoch`` (the best so far). With
+    ``training.ema`` the validation, the best epoch and ``best.pt`` are of the EMA model
+    (``evaluated_model``), and the result's ``weights`` says so. On rank 0 ``checkpoint_dir`` is
     a fresh temporary directory holding ``best.pt`` (the best model so far by validation
     robust accuracy, for ``load_checkpoint``) and ``state.pt`` (what ``resume_from`` needs to
     continue after this epoch); it is removed after ``report`` returns, so ``report`` copies or
@@ -277,9 +345,24 @@ def run_training(
         weight_decay=training.optimizer.weight_decay,
     )
     best = Best()
+    # Built from the plain module before DDP wraps it: AWP's proxy is a plain copy, and the
+    # average follows the plain module's weights (the same tensors DDP trains).
+    awp = (
+        AdversarialWeightPerturbation(model, gamma=training.awp.gamma)
+        if training.awp is not None and training.awp.gamma > 0
+        else None
+    )
+    ema = (
+        WeightAverage(model, decay=training.ema.decay, warmup_steps=training.ema.warmup_steps)
+        if training.ema is not None
+        else None
+    )
+    weights = EMA_WEIGHTS if ema is not None else TRAINED_WEIGHTS
     start_epoch, step = 0, 0
     if resume_from is not None:
-        start_epoch, step = _resume(Path(resume_from) / STATE_CHECKPOINT, model, optimizer, best)
+        start_epoch, step = _resume(
+            Path(resume_from) / STATE_CHECKPOINT, model, optimizer, best, ema
+        )
         log.warning("resuming after epoch %d from %s", start_epoch, resume_from)
     trained = wrap_model(model) if wrap_model is not None else model
 
@@ -292,9 +375,12 @@ def run_training(
         "input_shape": input_shape,
         "normalization": normalization.as_meta() if normalization is not None else None,
         "spec": spec.model_dump(mode="json"),
+        "weights": weights,
     }
 
     total_steps = training.epochs * steps_per_epoch
+    epsilon_warmup_steps = training.epsilon_warmup_epochs * steps_per_epoch
+    awp_warmup_epochs = training.awp.warmup_epochs if training.awp is not None else 0
     for epoch in range(start_epoch + 1, training.epochs + 1):
         started = time.perf_counter()
         metrics: dict[str, float] = {"epoch": epoch}
@@ -309,6 +395,10 @@ def run_training(
             steps=steps_per_epoch,
             first_step=step,
             total_steps=total_steps,
+            epsilon_warmup_steps=epsilon_warmup_steps,
+            # The official code's --awp-warmup: the first epochs train without AWP.
+            awp=awp if epoch > awp_warmup_epochs else None,
+            ema=ema,
         )
         step += steps_per_epoch
         train_seconds = time.perf_counter() - started
@@ -319,9 +409,10 @@ def run_training(
             report(metrics, None)
             continue
 
-        metrics |= validate(model, x_val, y_val, spec.evaluation)
+        evaluated = evaluated_model(model, ema)
+        metrics |= validate(evaluated, x_val, y_val, spec.evaluation)
         metrics["epoch_seconds"] = time.perf_counter() - started
-        best.update(epoch, metrics, model)
+        best.update(epoch, metrics, evaluated)
         metrics["best_epoch"] = best.epoch
         if best.metrics["val_robust_acc"] - metrics["val_robust_acc"] > COLLAPSE_DROP:
             log.warning(
@@ -337,14 +428,17 @@ def run_training(
         with tempfile.TemporaryDirectory(prefix="advorch-ckpt-", ignore_cleanup_errors=True) as d:
             checkpoint_dir = Path(d)
             best.save(checkpoint_dir / BEST_CHECKPOINT, meta)
-            _save_state(checkpoint_dir / STATE_CHECKPOINT, epoch, step, model, optimizer, best)
+            _save_state(checkpoint_dir / STATE_CHECKPOINT, epoch, step, model, optimizer, best, ema)
             report(metrics, checkpoint_dir)
 
     if rank != 0:
         return TrainingResult(best_epoch=0, best_metrics={}, best_model=None)
     assert best.model is not None, "rank 0 validated every epoch"
     return TrainingResult(
-        best_epoch=best.epoch, best_metrics=dict(best.metrics), best_model=best.model.eval()
+        best_epoch=best.epoch,
+        best_metrics=dict(best.metrics),
+        best_model=best.model.eval(),
+        weights=weights,
     )
 
 
@@ -379,6 +473,7 @@ def _save_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     best: Best,
+    ema: WeightAverage | None = None,
 ) -> None:
     """Everything ``_resume`` needs to continue exactly where this epoch ended."""
     assert best.model is not None
@@ -392,6 +487,7 @@ def _save_state(
             "best_epoch": best.epoch,
             "best_metrics": best.metrics,
             "best_model": best.model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "cpu_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         },
@@ -400,15 +496,22 @@ def _save_state(
 
 
 def _resume(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, best: Best
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    best: Best,
+    ema: WeightAverage | None = None,
 ) -> tuple[int, int]:
-    """Load a ``state.pt`` into ``model``, ``optimizer``, ``best`` and the RNGs; returns the
-    epoch it ended and its step."""
+    """Load a ``state.pt`` into ``model``, ``optimizer``, ``best``, ``ema`` and the RNGs;
+    returns the epoch it ended and its step."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        assert state.get("ema") is not None, "a state of a run with EMA has the average"
+        ema.load_state_dict(state["ema"])
     best.epoch, best.metrics = state["best_epoch"], state["best_metrics"]
-    best.model = copy.deepcopy(model)
+    best.model = copy.deepcopy(evaluated_model(model, ema))
     best.model.load_state_dict(state["best_model"])
     torch.set_rng_state(state["cpu_rng"])
     device = next(model.parameters()).device

@@ -204,6 +204,7 @@ def evaluate_trial(
         best_epoch=result.best_epoch,
         val_clean_acc=result.best_metrics["val_clean_acc"],
         val_robust_acc=result.best_metrics["val_robust_acc"],
+        weights=result.weights,
     )
     shutil.rmtree(scratch, ignore_errors=True)
     return evaluation
