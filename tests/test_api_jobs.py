@@ -180,7 +180,8 @@ def test_the_best_checkpoint_travels_through_the_service(
     assert "has no checkpoint" in missing.json()["error"]["message"]
 
     first, second = checkpoint_bytes(seed=1), checkpoint_bytes(seed=2)
-    assert upload_checkpoint(worker, job_id, "trial_0000", epoch=1, content=first).status_code == 200
+    uploaded = upload_checkpoint(worker, job_id, "trial_0000", epoch=1, content=first)
+    assert uploaded.status_code == 200
     served = api.get(download)
     assert served.status_code == 200 and served.content == first
     assert served.headers["x-content-sha256"] == hashlib.sha256(first).hexdigest()
