@@ -23,7 +23,7 @@ from service.artifacts import ArtifactStore
 from service.auth import ensure_api_token
 from service.db import engine_from_settings, make_session_factory, upgrade_database
 from service.settings import Settings, get_settings
-from service.users import ensure_bootstrap_admin
+from service.users import TokenCache, ensure_bootstrap_admin
 
 if TYPE_CHECKING:
     from service.ray_cluster import RayJobs
@@ -52,6 +52,7 @@ def create_app(
             upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
         engine = engine_from_settings(settings)
         app.state.session_factory = make_session_factory(engine)
+        app.state.token_cache = TokenCache(app.state.session_factory, settings.token_cache_s)
         if prepare_database:
             with app.state.session_factory() as session:
                 ensure_bootstrap_admin(session, ensure_api_token(settings))

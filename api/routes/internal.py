@@ -55,9 +55,12 @@ def put_trial(
 
 @router.post("/trials/{trial_key}/metrics")
 def post_epoch_metrics(
-    trial_key: TrialKey, report: EpochMetricsReport, job: OpenJobDep, session: SessionDep
+    job_id: str, trial_key: TrialKey, report: EpochMetricsReport, session: SessionDep
 ) -> EpochMetricsPublic:
     """One epoch's metrics of a trial, stored once per (trial, epoch)."""
+    # The job is read here, not by OpenJobDep: the hottest write of the service then takes
+    # its connection and gives it back (the commit) in one thread hop.
+    job = jobs.get_open_job(session, job_id)
     row = jobs.record_epoch_metrics(session, job, trial_key, **report.model_dump())
     return EpochMetricsPublic.model_validate(row)
 

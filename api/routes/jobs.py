@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     ArtifactsDep,
@@ -16,6 +17,7 @@ from api.deps import (
     SettingsDep,
     VisibleJobDep,
     current_user,
+    end_read,
 )
 from api.errors import error_responses
 from api.schemas import (
@@ -33,7 +35,7 @@ from api.schemas import (
 )
 from service import jobs, uploads, users
 from service.artifacts import ArtifactStore
-from service.models import JobStatus
+from service.models import Job, JobStatus
 from workers.spec import JobSpec
 
 router = APIRouter(
@@ -56,7 +58,7 @@ def submit_job(
 
 
 @router.get("")
-def list_jobs(
+async def list_jobs(
     session: SessionDep,
     user: CurrentUserDep,
     status: JobStatus | None = None,
@@ -65,16 +67,22 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobPage:
     """Jobs, newest first, optionally of one status: the caller's own, or an admin's pick."""
-    owner_id = users.owner_filter(session, user, owner)
-    page, total = jobs.list_jobs(
-        session, status=status, limit=limit, offset=offset, owner_id=owner_id
-    )
+
+    def read_page() -> tuple[list[Job], int]:  # the queries, in one thread hop
+        owner_id = users.owner_filter(session, user, owner)
+        page = jobs.list_jobs(session, status=status, limit=limit, offset=offset, owner_id=owner_id)
+        end_read(session)
+        return page
+
+    page, total = await run_in_threadpool(read_page)
+    # Serialising is CPU work: in the event loop, not in a thread (which would only add a hop).
     items = [JobPublic.from_job(job) for job in page]
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}")
-def read_job(job: VisibleJobDep) -> JobPublic:
+async def read_job(job: VisibleJobDep) -> JobPublic:
+    # Async: the job came with its trials, so this is CPU work only, done in the event loop.
     return JobPublic.from_job(job)
 
 
