@@ -63,10 +63,12 @@ async def get_session_factory(request: Request) -> sessionmaker[Session]:
 SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
 
 
-async def get_session(factory: SessionFactoryDep) -> AsyncIterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
     """A session for the request. Making one does no I/O; closing one that still holds a
-    connection (a transaction the route left open) does, so that happens in a thread."""
-    session = factory()
+    connection (a transaction the route left open) does, so that happens in a thread. (It
+    takes the request, not SessionFactoryDep: each dependency costs FastAPI work per request.)
+    """
+    session = request.app.state.session_factory()
     try:
         yield session
     finally:
@@ -125,14 +127,14 @@ TokenCacheDep = Annotated[users.TokenCache, Depends(get_token_cache)]
 
 
 async def current_token(
-    cache: TokenCacheDep,
-    credentials: Annotated[Credentials, Depends(user_bearer)],
+    request: Request, credentials: Annotated[Credentials, Depends(user_bearer)]
 ) -> ApiToken:
     """The caller's live token, with its user, detached and shared (read only): looked up in
     the database at most every ADVORCH_TOKEN_CACHE_S per token and API process, so a revoked
     token or a disabled user is refused that long after the change at most."""
     if credentials is None:
         raise _unauthorized("an API token is required: Authorization: Bearer <token>")
+    cache: users.TokenCache = request.app.state.token_cache
     token = cache.cached(credentials.credentials)
     if token is None:
         token = await run_in_threadpool(cache.authenticate, credentials.credentials)
@@ -142,6 +144,15 @@ async def current_token(
 
 
 CurrentTokenDep = Annotated[ApiToken, Depends(current_token)]
+
+
+async def caller(token: CurrentTokenDep) -> User:
+    """The caller, as the token cache holds them: detached and shared, for routes that only
+    read who is asking (their id, name, whether an admin), with no per-request copy."""
+    return token.user
+
+
+CallerDep = Annotated[User, Depends(caller)]
 
 
 async def current_user(token: CurrentTokenDep, session: SessionDep) -> User:
@@ -162,7 +173,7 @@ async def require_admin(user: CurrentUserDep) -> User:
 AdminDep = Annotated[User, Depends(require_admin)]
 
 
-def get_visible_job(job_id: str, session: SessionDep, user: CurrentUserDep) -> Job:
+def get_visible_job(job_id: str, session: SessionDep, user: CallerDep) -> Job:
     """The job a user route names, with its trials and owner (one query), if the caller may
     see it: another user's job is a 404."""
     job = jobs.get_job(session, job_id, visible_to=user, with_trials=True)

@@ -194,6 +194,7 @@ class Result:
     requests_per_s: float
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_request: float
     non_200: int
     load: str
 
@@ -221,6 +222,26 @@ def run_hey(hey: str, url: str, *, duration_s: int, clients: int, auth: bool) ->
     }
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by ``root`` and every live process under it:
+    the server's cost per request, which the machine's other load barely changes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: state ppid ... utime (14th field overall) stime (15th)
+        stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    total, frontier = 0.0, [root]
+    while frontier:
+        pid = frontier.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        frontier += [child for child, (ppid, _) in stats.items() if ppid == pid]
+    return total
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -238,12 +259,15 @@ def bench(
         ]
         for route, path, auth in routes:
             load = load_average()
+            cpu_before = tree_cpu_s(server.process.pid)
             figures = run_hey(
                 hey, server.url + path, duration_s=args.duration, clients=args.clients, auth=auth
             )
+            cpu_ms = (tree_cpu_s(server.process.pid) - cpu_before) * 1000
+            served = figures["rps"] * args.duration
             result = Result(
                 label, route, figures["rps"], figures["p50"], figures["p99"],
-                figures["non_200"], load,
+                cpu_ms / served if served else float("nan"), figures["non_200"], load,
             )  # fmt: skip
             print(format_row(result), flush=True)
             results.append(result)
@@ -253,13 +277,13 @@ def bench(
 def format_row(r: Result) -> str:
     return (
         f"| {r.label} | `{r.route}` | {r.requests_per_s:,.0f} | {r.p50_ms:.1f} ms | "
-        f"{r.p99_ms:.1f} ms | {r.non_200} | {r.load} |"
+        f"{r.p99_ms:.1f} ms | {r.cpu_ms_per_request:.2f} ms | {r.non_200} | {r.load} |"
     )
 
 
 HEADER = (
-    "| code | route | req/s | p50 | p99 | non-200 | load avg before |\n"
-    "| --- | --- | --- | --- | --- | --- | --- |"
+    "| code | route | req/s | p50 | p99 | server CPU per request | non-200 | load avg before |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 

@@ -59,9 +59,11 @@ def post_trial(worker: httpx.Client, job_id: str, n: int) -> None:
 
 
 def count(server: LiveServer, request: Callable[[], httpx.Response]) -> int:
+    """The statements of ``request()``, less the token's lookup: that one is cached for a
+    second (the last test of this file), and whether a request falls on a refresh is timing."""
     with statements_of(server) as seen:
         assert request().status_code == 200
-    return len(seen)
+    return len([statement for statement in seen if "api_tokens" not in statement])
 
 
 @pytest.fixture
@@ -77,7 +79,6 @@ def test_a_job_is_read_in_one_query_however_many_trials(
     job_id = user.http.post("/v1/jobs", json=SPEC).json()["id"]
     posts = worker(job_id)
     read = lambda: user.http.get(f"/v1/jobs/{job_id}")  # noqa: E731
-    read()  # the token is looked up once, then cached
 
     post_trial(posts, job_id, 0)
     with_one = count(live_server, read)
@@ -100,7 +101,6 @@ def test_the_job_list_costs_the_same_for_one_job_or_twenty(
 
     read = lambda: user.http.get("/v1/jobs", params={"limit": 20})  # noqa: E731
     submit_with_trials()
-    read()
     one = count(live_server, read)
     for _ in range(19):
         submit_with_trials()
@@ -119,6 +119,7 @@ def test_a_metrics_post_is_one_upsert(
     post_trial(posts, job_id, 0)  # the trial exists and runs
     url = f"/v1/internal/jobs/{job_id}/trials/trial_0000/metrics"
 
+    # (worker tokens are checked without the database)
     with statements_of(live_server) as seen:
         assert posts.post(url, json={"epoch": 3, "train_loss": 0.5}).status_code == 200
     with statements_of(live_server) as again:  # the same epoch again: merged, not refused

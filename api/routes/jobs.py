@@ -11,12 +11,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     ArtifactsDep,
+    CallerDep,
     CurrentUserDep,
     RayJobsDep,
     SessionDep,
     SettingsDep,
     VisibleJobDep,
-    current_user,
+    current_token,
     end_read,
 )
 from api.errors import error_responses
@@ -41,7 +42,7 @@ from workers.spec import JobSpec
 router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
-    dependencies=[Depends(current_user)],
+    dependencies=[Depends(current_token)],
     responses=error_responses(401, 403, 404, 409, 413, 422, 429),
 )
 
@@ -60,7 +61,7 @@ def submit_job(
 @router.get("")
 async def list_jobs(
     session: SessionDep,
-    user: CurrentUserDep,
+    user: CallerDep,
     status: JobStatus | None = None,
     owner: Annotated[str | None, Query(description="Admins: only this user's jobs.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
