@@ -150,6 +150,8 @@ def run_worker(
 ) -> None:
     """A worker process: serve the API on ``sock`` until SIGTERM (or the parent's death)."""
     _exit_with_parent(parent_pid)
+    # As the parent logs (a spawned process starts with logging unconfigured).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from api.main import create_app  # imported here: the parent serves no HTTP
 
     ray_jobs = None
