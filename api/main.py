@@ -18,6 +18,7 @@ from api.body_limit import BodySizeLimit
 from api.deps import known_query_parameters_only
 from api.errors import error_responses, install_error_handlers
 from api.request_metrics import RequestMetrics
+from api.response_cache import JobPageCache
 from api.routes import audit, health, internal, jobs, metrics, models, users, web
 from service.artifacts import ArtifactStore
 from service.auth import ensure_api_token
@@ -71,6 +72,7 @@ def create_app(
     app.state.settings = settings
     app.state.ray_jobs = ray_jobs
     app.state.artifacts = ArtifactStore(settings.resolved_artifacts)
+    app.state.job_pages = JobPageCache()
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,

@@ -140,7 +140,11 @@ def serve(code: Path, database_url: str | None, extra_env: dict[str, str]) -> It
         yield Server(url=url, process=process, home=home)
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(60)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:  # requests stuck in flight (the base's pool)
+            process.kill()
+            process.wait()
         log.close()
         shutil.rmtree(home, ignore_errors=True)
 

@@ -45,6 +45,11 @@ from api_load import (
 
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TRIALS_PER_JOB = 50
+# A post unanswered after this is an error (a worker's own client gives up after 30 s).
+POST_TIMEOUT_S = 10.0
+# Posting stops this long after the last post was due: a service that falls behind (the base
+# revision's pool timed out under this load) must not hold the run for many minutes.
+GRACE_S = 30.0
 
 
 @contextmanager
@@ -109,7 +114,7 @@ async def post_forever(
             sent = time.perf_counter()
             try:
                 writer.write(request)
-                status, _ = await asyncio.wait_for(read_response(reader), timeout=30)
+                status, _ = await asyncio.wait_for(read_response(reader), POST_TIMEOUT_S)
             except (TimeoutError, OSError, asyncio.IncompleteReadError) as err:
                 outcome.errors.append(f"{type(err).__name__}: {err}")
                 writer.close()
@@ -163,7 +168,7 @@ def run(label: str, code: Path, kind: str, args: argparse.Namespace) -> str:
 
         async def all_trials() -> None:
             start = time.monotonic() + 1
-            await asyncio.gather(
+            posting = asyncio.gather(
                 *(
                     post_forever(
                         parts.hostname or "",
@@ -177,6 +182,10 @@ def run(label: str, code: Path, kind: str, args: argparse.Namespace) -> str:
                     for job_id, key in pairs
                 )
             )
+            try:
+                await asyncio.wait_for(posting, args.seconds + 1 + GRACE_S)
+            except TimeoutError:
+                outcome.errors.append(f"posting stopped {GRACE_S:.0f} s after its end")
 
         began = time.monotonic()
         asyncio.run(all_trials())

@@ -28,7 +28,7 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -219,11 +219,52 @@ def get_job(
     a job's page shows needs both)."""
     options = [joinedload(Job.trials), joinedload(Job.owner)] if with_trials else []
     job = session.get(Job, job_id, options=options)
-    if job is None or (
-        visible_to is not None and not visible_to.is_admin and job.owner_id != visible_to.id
-    ):
+    if visible_to is not None:
+        ensure_visible(job_id, None if job is None else job.owner_id, visible_to)
+    if job is None:
         raise JobNotFound(f"no job {job_id!r}")
     return job
+
+
+class JobStamp(NamedTuple):
+    """What changes whenever anything a job's page shows does: the job's version, and its
+    trials' count and summed versions (every ORM write bumps a row's version; trials are only
+    ever added). Stamps of one job only grow, field by field."""
+
+    version: int
+    trials: int
+    trial_versions: int
+
+    @classmethod
+    def of(cls, job: Job) -> JobStamp:
+        return cls(job.version, len(job.trials), sum(trial.version for trial in job.trials))
+
+
+def job_stamp(session: Session, job_id: str) -> tuple[int, JobStamp] | None:
+    """The job's owner and its :class:`JobStamp`, in one small query (None: no such job)."""
+    query = (
+        select(
+            Job.owner_id,
+            Job.version,
+            func.count(Trial.id),
+            func.coalesce(func.sum(Trial.version), 0),
+        )
+        .outerjoin(Trial, Trial.job_id == Job.id)
+        .where(Job.id == job_id)
+        .group_by(Job.id, Job.owner_id, Job.version)
+    )
+    row = session.execute(query).first()
+    if row is None:
+        return None
+    owner_id, version, trials, trial_versions = row
+    return owner_id, JobStamp(version, trials, int(trial_versions))
+
+
+def ensure_visible(job_id: str, owner_id: int | None, visible_to: User) -> None:
+    """JobNotFound unless ``visible_to`` may see the job (owned by ``owner_id``; None: there is
+    no such job), as :func:`get_job` decides."""
+    if owner_id is None or (not visible_to.is_admin and owner_id != visible_to.id):
+        raise JobNotFound(f"no job {job_id!r}")
 
 
 def list_jobs(

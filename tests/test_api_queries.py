@@ -76,19 +76,46 @@ def user(make_user: Callable[..., UserClient]) -> UserClient:
 def test_a_job_is_read_in_one_query_however_many_trials(
     live_server: LiveServer, user: UserClient, worker: Callable[[str], httpx.Client]
 ) -> None:
+    """The first read after a change: the stamp, then the job with its trials and owner (one
+    SELECT with joins); the reads after it: the stamp alone (api.response_cache)."""
     job_id = user.http.post("/v1/jobs", json=SPEC).json()["id"]
     posts = worker(job_id)
     read = lambda: user.http.get(f"/v1/jobs/{job_id}")  # noqa: E731
 
     post_trial(posts, job_id, 0)
-    with_one = count(live_server, read)
+    with_one = count(live_server, read), count(live_server, read)
     for n in range(1, 6):
         post_trial(posts, job_id, n)
-    with_six = count(live_server, read)
+    with_six = count(live_server, read), count(live_server, read)
 
     assert user.http.get(f"/v1/jobs/{job_id}").json()["progress"]["trials_done"] == 6
-    # The job, its trials and its owner: one SELECT with joins.
-    assert with_one == with_six == 1
+    assert with_one == with_six == (2, 1)
+
+
+def test_a_cached_job_page_is_never_served_once_the_job_or_a_trial_changed(
+    user: UserClient,
+    worker: Callable[[str], httpx.Client],
+    make_user: Callable[..., UserClient],
+) -> None:
+    job_id = user.http.post("/v1/jobs", json=SPEC).json()["id"]
+    posts = worker(job_id)
+    base = f"/v1/internal/jobs/{job_id}"
+    read = lambda: user.http.get(f"/v1/jobs/{job_id}").json()  # noqa: E731
+    post_trial(posts, job_id, 0)
+    assert read() == read()  # kept, and served again
+
+    # A trial's change (a new best on validation) shows at once...
+    better = {"config": {"training.beta": 1.0}, "val_robust_acc": 0.9}
+    assert posts.put(f"{base}/trials/trial_0000", json=better).status_code == 200
+    assert read()["best_trial"]["val_robust_acc"] == 0.9
+    # ...and so do a new trial and the job's own change.
+    post_trial(posts, job_id, 1)
+    assert read()["progress"]["trials_done"] == 2
+    failed = posts.post(f"{base}/events", json={"status": "failed", "reason": "x"})
+    assert failed.status_code == 200
+    assert read()["status"] == "failed"
+    # Another user's job stays a 404, cached or not.
+    assert make_user("other").http.get(f"/v1/jobs/{job_id}").status_code == 404
 
 
 def test_the_job_list_costs_the_same_for_one_job_or_twenty(

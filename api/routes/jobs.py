@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -21,6 +21,7 @@ from api.deps import (
     end_read,
 )
 from api.errors import error_responses
+from api.response_cache import read_job_page
 from api.schemas import (
     MAX_OFFSET,
     CurvePointPublic,
@@ -81,10 +82,12 @@ async def list_jobs(
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}")
-async def read_job(job: VisibleJobDep) -> JobPublic:
-    # Async: the job came with its trials, so this is CPU work only, done in the event loop.
-    return JobPublic.from_job(job)
+@router.get("/{job_id}", response_model=JobPublic)
+async def read_job(job_id: str, session: SessionDep, user: CallerDep, request: Request) -> Response:
+    """The job, as clients poll it: served from this process's cache of serialised pages
+    while the job and its trials are unchanged (api.response_cache)."""
+    page = await read_job_page(session, job_id, user, request.app.state.job_pages)
+    return Response(page, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel")
