@@ -277,16 +277,60 @@ def list_jobs(
 ) -> tuple[list[Job], int]:
     """One page of jobs (of one owner, given ``owner_id``), newest first, and how many match
     in all."""
-    query = select(Job)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if owner_id is not None:
-        query = query.where(Job.owner_id == owner_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = query.options(selectinload(Job.trials), selectinload(Job.owner)).order_by(
-        Job.created_at.desc(), Job.id.desc()
+    stamps, total = list_job_stamps(
+        session, status=status, limit=limit, offset=offset, owner_id=owner_id
     )
-    return list(session.scalars(page.limit(limit).offset(offset))), total
+    return jobs_with_trials(session, [job_id for job_id, _ in stamps]), total
+
+
+def list_job_stamps(
+    session: Session,
+    *,
+    status: JobStatus | None,
+    limit: int,
+    offset: int,
+    owner_id: int | None = None,
+) -> tuple[list[tuple[str, JobStamp]], int]:
+    """The ids and :class:`JobStamp` s of one page of jobs, as :func:`list_jobs` orders them,
+    and how many match in all: two small queries, whatever the page holds."""
+    filters = []
+    if status is not None:
+        filters.append(Job.status == status)
+    if owner_id is not None:
+        filters.append(Job.owner_id == owner_id)
+    total = session.scalar(select(func.count()).select_from(Job).where(*filters)) or 0
+    page = (
+        select(
+            Job.id,
+            Job.version,
+            func.count(Trial.id),
+            func.coalesce(func.sum(Trial.version), 0),
+        )
+        .outerjoin(Trial, Trial.job_id == Job.id)
+        .where(*filters)
+        .group_by(Job.id, Job.version, Job.created_at)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    stamps = [
+        (job_id, JobStamp(version, trials, int(trial_versions)))
+        for job_id, version, trials, trial_versions in session.execute(page)
+    ]
+    return stamps, total
+
+
+def jobs_with_trials(session: Session, job_ids: list[str]) -> list[Job]:
+    """The jobs ``job_ids``, in that order, with their trials and owners (two queries)."""
+    if not job_ids:
+        return []
+    query = (
+        select(Job)
+        .where(Job.id.in_(job_ids))
+        .options(selectinload(Job.trials), joinedload(Job.owner))
+    )
+    found = {job.id: job for job in session.scalars(query)}
+    return [found[job_id] for job_id in job_ids if job_id in found]
 
 
 def cancel_job(

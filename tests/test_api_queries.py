@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, event
 
+from api.schemas import JobPage
 from service.db import make_engine, make_session_factory
 from service.models import ApiToken, utcnow
 from tests.conftest import LiveServer, UserClient, bearer, new_user, serve, server_settings
@@ -128,14 +129,17 @@ def test_the_job_list_costs_the_same_for_one_job_or_twenty(
 
     read = lambda: user.http.get("/v1/jobs", params={"limit": 20})  # noqa: E731
     submit_with_trials()
-    one = count(live_server, read)
+    one = count(live_server, read), count(live_server, read)
     for _ in range(19):
         submit_with_trials()
-    twenty = count(live_server, read)
+    twenty = count(live_server, read), count(live_server, read)
 
-    assert len(user.http.get("/v1/jobs", params={"limit": 20}).json()["items"]) == 20
-    # The count, the page, then the page's trials and owners (one query each).
-    assert one == twenty == 4
+    page = JobPage.model_validate_json(read().content)
+    assert len(page.items) == 20 and page.total == 20 and page.items[0].num_trials == 6
+    assert all(job.progress.trials_done == 2 for job in page.items)
+    # The count and the page's stamps; then, for jobs changed since they were last read
+    # (api.response_cache), those jobs with their owners, and their trials.
+    assert one == twenty == (4, 2)
 
 
 def test_a_metrics_post_is_one_upsert(

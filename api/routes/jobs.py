@@ -7,7 +7,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import FileResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from api.deps import (
     ArtifactsDep,
@@ -18,10 +17,9 @@ from api.deps import (
     SettingsDep,
     VisibleJobDep,
     current_token,
-    end_read,
 )
 from api.errors import error_responses
-from api.response_cache import read_job_page
+from api.response_cache import read_job_list_page, read_job_page
 from api.schemas import (
     MAX_OFFSET,
     CurvePointPublic,
@@ -35,9 +33,9 @@ from api.schemas import (
     TrialKey,
     TrialPublic,
 )
-from service import jobs, uploads, users
+from service import jobs, uploads
 from service.artifacts import ArtifactStore
-from service.models import Job, JobStatus
+from service.models import JobStatus
 from workers.spec import JobSpec
 
 router = APIRouter(
@@ -59,27 +57,27 @@ def submit_job(
     return JobPublic.from_job(jobs.create_job(session, spec, settings, owner=user))
 
 
-@router.get("")
+@router.get("", response_model=JobPage)
 async def list_jobs(
     session: SessionDep,
     user: CallerDep,
+    request: Request,
     status: JobStatus | None = None,
     owner: Annotated[str | None, Query(description="Admins: only this user's jobs.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-) -> JobPage:
+) -> Response:
     """Jobs, newest first, optionally of one status: the caller's own, or an admin's pick."""
-
-    def read_page() -> tuple[list[Job], int]:  # the queries, in one thread hop
-        owner_id = users.owner_filter(session, user, owner)
-        page = jobs.list_jobs(session, status=status, limit=limit, offset=offset, owner_id=owner_id)
-        end_read(session)
-        return page
-
-    page, total = await run_in_threadpool(read_page)
-    # Serialising is CPU work: in the event loop, not in a thread (which would only add a hop).
-    items = [JobPublic.from_job(job) for job in page]
-    return JobPage(items=items, total=total, limit=limit, offset=offset)
+    page = await read_job_list_page(
+        session,
+        user,
+        owner=owner,
+        status=status,
+        limit=limit,
+        offset=offset,
+        pages=request.app.state.job_pages,
+    )
+    return Response(page, media_type="application/json")
 
 
 @router.get("/{job_id}", response_model=JobPublic)
