@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import logging
 import multiprocessing
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 MIN_WORKER_UPTIME_S = 10.0
 WORKER_STOP_TIMEOUT_S = 10.0
 LISTEN_BACKLOG = 2048
+BIND_RETRY_S = 10.0
 # Where `advorch serve`'s processes keep their Prometheus counters, so that /metrics (served
 # by any worker) sums every process's: prometheus_client's multiprocess mode.
 PROMETHEUS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -63,10 +65,21 @@ def prepare_prometheus_dir(settings: Settings) -> None:
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """The API's listening socket. A port still held is tried again for a few seconds: the
+    workers of a service killed a moment ago close theirs as they exit (PR_SET_PDEATHSIG)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    deadline = time.monotonic() + BIND_RETRY_S
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            break
+        except OSError as err:
+            sock.close()
+            if err.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
