@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     api_workers: int = Field(default=2, ge=1)
     # uvicorn's line per request on stdout.
     access_log: bool = True
-    # Database connections each API process keeps open (plus as many again under bursts).
-    # SQLAlchemy's default of 5 left hundreds of concurrent worker posts waiting on the pool.
+    # Database connections each API process keeps open (plus as many again under bursts);
+    # SQLAlchemy's default is 5 (plus 10). With PostgreSQL, (API processes + 1) x 2 x this
+    # must stay under its max_connections.
     db_pool_size: int = Field(default=10, ge=1)
     # How long a checked token is trusted without asking the database again: a revoked token
     # or a disabled user is refused at most this long after the change (0: every request).
