@@ -1,17 +1,26 @@
 """What routes are given: the settings, a database session, the job they name, and the
 caller's credentials checked: a user's API token (whose user the route is given; a job of
-another user is not found), or the worker token of that job."""
+another user is not found), or the worker token of that job.
+
+Dependencies that do no I/O are ``async def``: FastAPI runs a plain ``def`` in a worker thread,
+and that hop cost more than the work of most of them. Those that query the database are plain
+``def`` (one thread hop each) and end their read transaction before they return
+(:func:`end_read`), so that no request holds a pooled connection while it waits for a thread:
+under hundreds of concurrent requests, threads waiting for connections held by requests waiting
+for threads deadlocked the pool.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from service import jobs, users
 from service.artifacts import ArtifactStore
@@ -38,7 +47,7 @@ worker_bearer = HTTPBearer(
 Credentials = HTTPAuthorizationCredentials | None
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -46,31 +55,50 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+async def get_session_factory(request: Request) -> sessionmaker[Session]:
+    factory: sessionmaker[Session] = request.app.state.session_factory
+    return factory
+
+
+SessionFactoryDep = Annotated[sessionmaker[Session], Depends(get_session_factory)]
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the request. Making one does no I/O; closing one that still holds a
+    connection (a transaction the route left open) does, so that happens in a thread. (It
+    takes the request, not SessionFactoryDep: each dependency costs FastAPI work per request.)
+    """
+    session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_job(job_id: str, session: SessionDep) -> Job:
-    """The job a worker route names (its worker token was checked for that very job)."""
-    return jobs.get_job(session, job_id)
+def end_read(session: Session) -> None:
+    """End the session's read transaction, giving its connection back to the pool from the
+    thread that took it; what was loaded stays readable (sessions do not expire on commit)."""
+    session.commit()
 
 
 def get_open_job(job_id: str, session: SessionDep) -> Job:
     """The job a worker route names, while it has not ended: a worker token opens its job only
     until then (403 after), so a leaked token cannot rewrite a finished job's results."""
-    job = jobs.get_job(session, job_id)
-    jobs.ensure_open(job)
+    job = jobs.get_open_job(session, job_id)
+    end_read(session)
     return job
 
 
 OpenJobDep = Annotated[Job, Depends(get_open_job)]
 
 
-def get_artifacts(request: Request) -> ArtifactStore:
+async def get_artifacts(request: Request) -> ArtifactStore:
     store: ArtifactStore = request.app.state.artifacts
     return store
 
@@ -78,10 +106,7 @@ def get_artifacts(request: Request) -> ArtifactStore:
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 
 
-JobDep = Annotated[Job, Depends(get_job)]
-
-
-def get_ray_jobs(request: Request) -> RayJobs:
+async def get_ray_jobs(request: Request) -> RayJobs:
     """The Ray Jobs client of the cluster jobs run on; an API replica given no cluster address
     serves everything but what only Ray has (the logs)."""
     ray_jobs: RayJobs | None = request.app.state.ray_jobs
@@ -93,14 +118,26 @@ def get_ray_jobs(request: Request) -> RayJobs:
 RayJobsDep = Annotated["RayJobs", Depends(get_ray_jobs)]
 
 
-def current_token(
-    session: SessionDep, credentials: Annotated[Credentials, Depends(user_bearer)]
+async def get_token_cache(request: Request) -> users.TokenCache:
+    cache: users.TokenCache = request.app.state.token_cache
+    return cache
+
+
+TokenCacheDep = Annotated[users.TokenCache, Depends(get_token_cache)]
+
+
+async def current_token(
+    request: Request, credentials: Annotated[Credentials, Depends(user_bearer)]
 ) -> ApiToken:
-    """The caller's live token, with its user: checked on every request, so a revoked token or
-    a disabled user is refused at once."""
+    """The caller's live token, with its user, detached and shared (read only): looked up in
+    the database at most every ADVORCH_TOKEN_CACHE_S per token and API process, so a revoked
+    token or a disabled user is refused that long after the change at most."""
     if credentials is None:
         raise _unauthorized("an API token is required: Authorization: Bearer <token>")
-    token = users.authenticate(session, credentials.credentials)
+    cache: users.TokenCache = request.app.state.token_cache
+    token = cache.cached(credentials.credentials)
+    if token is None:
+        token = await run_in_threadpool(cache.authenticate, credentials.credentials)
     if token is None:
         raise _unauthorized("this token is unknown, revoked, or its user is disabled")
     return token
@@ -109,14 +146,25 @@ def current_token(
 CurrentTokenDep = Annotated[ApiToken, Depends(current_token)]
 
 
-def current_user(token: CurrentTokenDep) -> User:
+async def caller(token: CurrentTokenDep) -> User:
+    """The caller, as the token cache holds them: detached and shared, for routes that only
+    read who is asking (their id, name, whether an admin), with no per-request copy."""
     return token.user
+
+
+CallerDep = Annotated[User, Depends(caller)]
+
+
+async def current_user(token: CurrentTokenDep, session: SessionDep) -> User:
+    """The caller, as this request's session's own copy (no query): routes may hand it to
+    writes, which the cached, shared one must never be."""
+    return session.merge(token.user, load=False)
 
 
 CurrentUserDep = Annotated[User, Depends(current_user)]
 
 
-def require_admin(user: CurrentUserDep) -> User:
+async def require_admin(user: CurrentUserDep) -> User:
     if not user.is_admin:
         raise HTTPException(403, "only admins may do this")
     return user
@@ -125,15 +173,18 @@ def require_admin(user: CurrentUserDep) -> User:
 AdminDep = Annotated[User, Depends(require_admin)]
 
 
-def get_visible_job(job_id: str, session: SessionDep, user: CurrentUserDep) -> Job:
-    """The job a user route names, if the caller may see it: another user's job is a 404."""
-    return jobs.get_job(session, job_id, visible_to=user)
+def get_visible_job(job_id: str, session: SessionDep, user: CallerDep) -> Job:
+    """The job a user route names, with its trials and owner (one query), if the caller may
+    see it: another user's job is a 404."""
+    job = jobs.get_job(session, job_id, visible_to=user, with_trials=True)
+    end_read(session)
+    return job
 
 
 VisibleJobDep = Annotated[Job, Depends(get_visible_job)]
 
 
-def require_worker(
+async def require_worker(
     job_id: str, settings: SettingsDep, credentials: Annotated[Credentials, Depends(worker_bearer)]
 ) -> None:
     """Only the worker token of job ``job_id`` opens its internal routes."""
@@ -150,14 +201,16 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def known_query_parameters_only(request: Request) -> None:
+async def known_query_parameters_only(request: Request) -> None:
     """Refuse query parameters the route does not take (422 naming each), as the job spec
     refuses unknown fields: a misspelt ``?stauts=failed`` must not silently list every job."""
+    if not request.scope.get("query_string"):
+        return
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:
         return
-    known = _query_parameter_names(dependant)
+    known = _known_query_parameters(route, dependant)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise RequestValidationError(
@@ -166,6 +219,18 @@ def known_query_parameters_only(request: Request) -> None:
                 for name in unknown
             ]
         )
+
+
+# Each route's query parameters, found once: by the route's id, with the route itself kept
+# so that its id cannot be reused (routes live as long as the app anyway).
+_known_by_route: dict[int, tuple[object, frozenset[str]]] = {}
+
+
+def _known_query_parameters(route: object, dependant: Dependant) -> frozenset[str]:
+    entry = _known_by_route.get(id(route))
+    if entry is None:
+        entry = _known_by_route[id(route)] = (route, frozenset(_query_parameter_names(dependant)))
+    return entry[1]
 
 
 def _query_parameter_names(dependant: Dependant) -> set[str]:

@@ -18,21 +18,29 @@ from api.body_limit import BodySizeLimit
 from api.deps import known_query_parameters_only
 from api.errors import error_responses, install_error_handlers
 from api.request_metrics import RequestMetrics
+from api.response_cache import JobPageCache
 from api.routes import audit, health, internal, jobs, metrics, models, users, web
 from service.artifacts import ArtifactStore
 from service.auth import ensure_api_token
-from service.db import make_engine, make_session_factory, upgrade_database
+from service.db import engine_from_settings, make_session_factory, upgrade_database
 from service.settings import Settings, get_settings
-from service.users import ensure_bootstrap_admin
+from service.users import TokenCache, ensure_bootstrap_admin
 
 if TYPE_CHECKING:
     from service.ray_cluster import RayJobs
 
 
-def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    ray_jobs: RayJobs | None = None,
+    *,
+    prepare_database: bool = True,
+) -> FastAPI:
     """The app; ``ray_jobs`` is the client of the cluster jobs run on (``advorch serve`` passes
     its own), else one for ``ADVORCH_RAY_ADDRESS`` when set, else none: the API then runs
-    without Ray, and only the logs route answers 503."""
+    without Ray, and only the logs route answers 503. ``prepare_database=False``: the caller
+    has migrated the database and made the bootstrap admin already (``advorch serve`` does,
+    once, before it starts its API workers)."""
     settings = settings or get_settings()
     if ray_jobs is None and settings.ray_address is not None:
         from service.ray_cluster import RayJobs, cluster_auth_token
@@ -41,11 +49,14 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
-        engine = make_engine(settings.resolved_database_url)
+        if prepare_database:
+            upgrade_database(settings.resolved_database_url, settings.db_connect_timeout_s)
+        engine = engine_from_settings(settings)
         app.state.session_factory = make_session_factory(engine)
-        with app.state.session_factory() as session:
-            ensure_bootstrap_admin(session, ensure_api_token(settings))
+        app.state.token_cache = TokenCache(app.state.session_factory, settings.token_cache_s)
+        if prepare_database:
+            with app.state.session_factory() as session:
+                ensure_bootstrap_admin(session, ensure_api_token(settings))
         yield
         engine.dispose()
 
@@ -61,6 +72,7 @@ def create_app(settings: Settings | None = None, ray_jobs: RayJobs | None = None
     app.state.settings = settings
     app.state.ray_jobs = ray_jobs
     app.state.artifacts = ArtifactStore(settings.resolved_artifacts)
+    app.state.job_pages = JobPageCache()
     install_error_handlers(app)
     app.add_middleware(
         BodySizeLimit,

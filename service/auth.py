@@ -52,11 +52,19 @@ def worker_token_job_id(settings: Settings, presented: str) -> str | None:
     return job_id
 
 
+# The secret kept in each home's file, once read: it never changes after its first start, and
+# every worker post checks a token with it.
+_file_secrets: dict[Path, bytes] = {}
+
+
 def _server_secret(settings: Settings) -> bytes:
     if settings.secret_key is not None:
         return settings.secret_key.get_secret_value().encode()
-    secret, _ = _read_or_create_secret(settings.secret_key_file)
-    return secret.encode()
+    path = settings.secret_key_file
+    if path not in _file_secrets:
+        secret, _ = _read_or_create_secret(path)
+        _file_secrets[path] = secret.encode()
+    return _file_secrets[path]
 
 
 def _read_or_create_secret(path: Path) -> tuple[str, bool]:

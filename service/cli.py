@@ -54,12 +54,17 @@ def serve() -> None:
     It upgrades the database first. Ctrl-C or SIGTERM stops all it started.
     """
     # Imported here: the API and Ray are slow imports that other commands do not need.
+    settings = get_settings()
+    # Before the service's modules import prometheus_client: /metrics sums every process's.
+    from service.api_workers import prepare_prometheus_dir
+
+    prepare_prometheus_dir(settings)
     from service.db import DatabaseUnusable
     from service.serve import serve as run_service
     from service.storage import StorageMisconfigured
 
     try:
-        run_service(get_settings())
+        run_service(settings)
     except (DatabaseUnusable, StorageMisconfigured) as err:
         _fail(str(err))
 

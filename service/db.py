@@ -19,6 +19,8 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.settings import Settings
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -30,25 +32,56 @@ class DatabaseUnusable(RuntimeError):
     to do, for the command line and the container log (never a traceback)."""
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; for a SQLite file, its folder is made when missing."""
+def make_engine(
+    url: str, *, pool_size: int | None = None, sqlite_synchronous: str = "NORMAL"
+) -> Engine:
+    """An engine for ``url``; for a SQLite file, its folder is made when missing.
+
+    ``pool_size``: connections kept open (and as many again opened under a burst); None is
+    SQLAlchemy's default. ``sqlite_synchronous``: SQLite's ``synchronous`` pragma (NORMAL or
+    FULL; see Settings.sqlite_synchronous)."""
+    pool_args: dict[str, Any] = (
+        {} if pool_size is None else {"pool_size": pool_size, "max_overflow": pool_size}
+    )
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            raise ValueError(f"sqlite_synchronous must be one of {SQLITE_SYNCHRONOUS}")
         # Wait up to 30 s for another writer (the dispatcher) instead of failing at once.
-        engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _configure_sqlite)
+        engine = create_engine(url, connect_args={"timeout": 30}, **pool_args)
+        event.listen(
+            engine,
+            "connect",
+            lambda connection, _record: _configure_sqlite(connection, sqlite_synchronous),
+        )
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool_args)
 
 
-def _configure_sqlite(dbapi_connection: Any, _connection_record: Any) -> None:
+SQLITE_SYNCHRONOUS = ("NORMAL", "FULL")
+
+
+def engine_from_settings(settings: Settings) -> Engine:
+    """The service's engine: its database, pool size and SQLite durability as configured."""
+    return make_engine(
+        settings.resolved_database_url,
+        pool_size=settings.db_pool_size,
+        sqlite_synchronous=settings.sqlite_synchronous,
+    )
+
+
+def _configure_sqlite(dbapi_connection: Any, synchronous: str) -> None:
     cursor = dbapi_connection.cursor()
     # SQLite leaves foreign keys off unless asked; deleting a job must delete its trials.
     cursor.execute("PRAGMA foreign_keys=ON")
     # WAL lets the API read while the dispatcher (another process) writes.
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL syncs the log at checkpoints, not at every commit: a commit costs no
+    # fsync, and a power loss (not a crash of the process) may lose the last commits but never
+    # corrupts the database. FULL syncs every commit.
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.close()
 
 

@@ -28,12 +28,15 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.sql.dml import ReturningInsert
 
 from service.audit import Actor, audit_event
 from service.metrics import DISPATCH_LATENCY, EPOCH_METRICS_POSTED
@@ -207,16 +210,61 @@ def _over_limit(limit: float, setting: str) -> str:
     return f"at most {limit} allowed on this server ({setting})"
 
 
-def get_job(session: Session, job_id: str, *, visible_to: User | None = None) -> Job:
+def get_job(
+    session: Session, job_id: str, *, visible_to: User | None = None, with_trials: bool = False
+) -> Job:
     """The job ``job_id``. With ``visible_to``, only if that user may see it (their own job,
     or any for an admin): another user's job is as unknown as one that does not exist, so job
-    ids cannot be probed."""
-    job = session.get(Job, job_id)
-    if job is None or (
-        visible_to is not None and not visible_to.is_admin and job.owner_id != visible_to.id
-    ):
+    ids cannot be probed. ``with_trials``: its trials and owner come in the same query (what
+    a job's page shows needs both)."""
+    options = [joinedload(Job.trials), joinedload(Job.owner)] if with_trials else []
+    job = session.get(Job, job_id, options=options)
+    if visible_to is not None:
+        ensure_visible(job_id, None if job is None else job.owner_id, visible_to)
+    if job is None:
         raise JobNotFound(f"no job {job_id!r}")
     return job
+
+
+class JobStamp(NamedTuple):
+    """What changes whenever anything a job's page shows does: the job's version, and its
+    trials' count and summed versions (every ORM write bumps a row's version; trials are only
+    ever added). Stamps of one job only grow, field by field."""
+
+    version: int
+    trials: int
+    trial_versions: int
+
+    @classmethod
+    def of(cls, job: Job) -> JobStamp:
+        return cls(job.version, len(job.trials), sum(trial.version for trial in job.trials))
+
+
+def job_stamp(session: Session, job_id: str) -> tuple[int, JobStamp] | None:
+    """The job's owner and its :class:`JobStamp`, in one small query (None: no such job)."""
+    query = (
+        select(
+            Job.owner_id,
+            Job.version,
+            func.count(Trial.id),
+            func.coalesce(func.sum(Trial.version), 0),
+        )
+        .outerjoin(Trial, Trial.job_id == Job.id)
+        .where(Job.id == job_id)
+        .group_by(Job.id, Job.owner_id, Job.version)
+    )
+    row = session.execute(query).first()
+    if row is None:
+        return None
+    owner_id, version, trials, trial_versions = row
+    return owner_id, JobStamp(version, trials, int(trial_versions))
+
+
+def ensure_visible(job_id: str, owner_id: int | None, visible_to: User) -> None:
+    """JobNotFound unless ``visible_to`` may see the job (owned by ``owner_id``; None: there is
+    no such job), as :func:`get_job` decides."""
+    if owner_id is None or (not visible_to.is_admin and owner_id != visible_to.id):
+        raise JobNotFound(f"no job {job_id!r}")
 
 
 def list_jobs(
@@ -229,16 +277,60 @@ def list_jobs(
 ) -> tuple[list[Job], int]:
     """One page of jobs (of one owner, given ``owner_id``), newest first, and how many match
     in all."""
-    query = select(Job)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if owner_id is not None:
-        query = query.where(Job.owner_id == owner_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    page = query.options(selectinload(Job.trials), selectinload(Job.owner)).order_by(
-        Job.created_at.desc(), Job.id.desc()
+    stamps, total = list_job_stamps(
+        session, status=status, limit=limit, offset=offset, owner_id=owner_id
     )
-    return list(session.scalars(page.limit(limit).offset(offset))), total
+    return jobs_with_trials(session, [job_id for job_id, _ in stamps]), total
+
+
+def list_job_stamps(
+    session: Session,
+    *,
+    status: JobStatus | None,
+    limit: int,
+    offset: int,
+    owner_id: int | None = None,
+) -> tuple[list[tuple[str, JobStamp]], int]:
+    """The ids and :class:`JobStamp` s of one page of jobs, as :func:`list_jobs` orders them,
+    and how many match in all: two small queries, whatever the page holds."""
+    filters = []
+    if status is not None:
+        filters.append(Job.status == status)
+    if owner_id is not None:
+        filters.append(Job.owner_id == owner_id)
+    total = session.scalar(select(func.count()).select_from(Job).where(*filters)) or 0
+    page = (
+        select(
+            Job.id,
+            Job.version,
+            func.count(Trial.id),
+            func.coalesce(func.sum(Trial.version), 0),
+        )
+        .outerjoin(Trial, Trial.job_id == Job.id)
+        .where(*filters)
+        .group_by(Job.id, Job.version, Job.created_at)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    stamps = [
+        (job_id, JobStamp(version, trials, int(trial_versions)))
+        for job_id, version, trials, trial_versions in session.execute(page)
+    ]
+    return stamps, total
+
+
+def jobs_with_trials(session: Session, job_ids: list[str]) -> list[Job]:
+    """The jobs ``job_ids``, in that order, with their trials and owners (two queries)."""
+    if not job_ids:
+        return []
+    query = (
+        select(Job)
+        .where(Job.id.in_(job_ids))
+        .options(selectinload(Job.trials), joinedload(Job.owner))
+    )
+    found = {job.id: job for job in session.scalars(query)}
+    return [found[job_id] for job_id in job_ids if job_id in found]
 
 
 def cancel_job(
@@ -345,6 +437,13 @@ def _end_open_trials(job: Job, to: JobStatus, *, reason: str, error: str | None)
     for trial in job.trials:
         if trial.status not in TRIAL_FINISHED:
             trial.status, trial.reason = status, why
+
+
+def get_open_job(session: Session, job_id: str) -> Job:
+    """The job ``job_id`` while its workers may still write to it (JobEnded after)."""
+    job = get_job(session, job_id)
+    ensure_open(job)
+    return job
 
 
 def ensure_open(job: Job) -> None:
@@ -517,18 +616,54 @@ def record_epoch_metrics(
     session: Session, job: Job, key: str, *, epoch: int, **metrics: float | None
 ) -> TrialMetric:
     """Create or update one epoch's metrics of a trial (``metrics`` by TrialMetric's column
-    names); commits. A trial not reported yet is created, running: metrics mean it runs."""
+    names; a None never erases a value stored); commits. A trial not reported yet is created,
+    running: metrics mean it runs.
+
+    The row is written by one INSERT ... ON CONFLICT DO UPDATE (SQLite and PostgreSQL alike),
+    not read and then written: two posts of the same epoch cannot clash on its key, and a post
+    costs one statement fewer."""
     check_epoch(job, "epoch", epoch)
     trial = _find_or_add_trial(session, job, key, status=TrialStatus.RUNNING)
     _advance(trial, TrialStatus.RUNNING)
-    row = session.get(TrialMetric, (trial.id, epoch))
-    if row is None:
-        row = TrialMetric(trial_id=trial.id, epoch=epoch)
-        session.add(row)
-    _merge(row, **metrics)
+    unknown = set(metrics) - set(METRIC_COLUMNS)
+    if unknown:
+        raise TypeError(f"no such epoch metrics: {sorted(unknown)}")
+    # Every column in every statement (None where not given); COALESCE keeps a stored value
+    # where this post has none.
+    values = {name: metrics.get(name) for name in METRIC_COLUMNS}
+    row = session.scalars(
+        _epoch_metrics_upsert(session.get_bind().dialect.name),
+        {"trial_id": trial.id, "epoch": epoch, "created_at": utcnow(), **values},
+        execution_options={"populate_existing": True},
+    ).one()
     session.commit()
     EPOCH_METRICS_POSTED.inc()
     return row
+
+
+METRIC_COLUMNS = tuple(
+    column.name
+    for column in TrialMetric.__table__.columns
+    if column.name not in ("trial_id", "epoch", "created_at")
+)
+
+
+@functools.cache
+def _epoch_metrics_upsert(dialect: str) -> ReturningInsert[TrialMetric]:
+    """The upsert of one epoch's row, built once per dialect with bound parameters: building
+    it per post (``Insert.excluded`` makes a new alias each time) and computing its cache key
+    were a fifth of a post's CPU."""
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    table = TrialMetric.__table__.c
+    names = ("trial_id", "epoch", "created_at", *METRIC_COLUMNS)
+    statement = insert(TrialMetric).values(
+        {name: bindparam(name, type_=table[name].type) for name in names}
+    )
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[table.trial_id, table.epoch],
+        set_={name: func.coalesce(excluded[name], table[name]) for name in METRIC_COLUMNS},
+    ).returning(TrialMetric)
 
 
 def _find_trial(session: Session, job: Job, key: str) -> Trial | None:

@@ -179,11 +179,16 @@ class AuditEvent(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # The job list's filters with its order (newest first): a page is read in index order.
+    __table_args__ = (
+        Index(None, "owner_id", "created_at", "id"),
+        Index(None, "status", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[JobStatus] = mapped_column(status_column(JobStatus), index=True)
-    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    status: Mapped[JobStatus] = mapped_column(status_column(JobStatus))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     # The spec's priority, kept in a column too: the dispatcher orders queued jobs by it.
     priority: Mapped[JobPriority] = mapped_column(
         status_column(JobPriority), default=JobPriority.NORMAL, server_default="normal"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -70,6 +71,22 @@ class Settings(BaseSettings):
     # How often the dispatcher looks for queued jobs and the reconciler compares DB and Ray.
     dispatch_interval_s: float = 1.0
     reconcile_interval_s: float = 15.0
+
+    # Throughput. `advorch serve` runs the API in this many uvicorn processes sharing one
+    # socket (the dispatcher, the reconciler and the migrations run once, in the parent).
+    api_workers: int = Field(default=2, ge=1)
+    # uvicorn's line per request on stdout.
+    access_log: bool = True
+    # Database connections each API process keeps open (plus as many again under bursts);
+    # SQLAlchemy's default is 5 (plus 10). With PostgreSQL, (API processes + 1) x 2 x this
+    # must stay under its max_connections.
+    db_pool_size: int = Field(default=10, ge=1)
+    # How long a checked token is trusted without asking the database again: a revoked token
+    # or a disabled user is refused at most this long after the change (0: every request).
+    token_cache_s: float = Field(default=1.0, ge=0)
+    # SQLite only: NORMAL (the default; in WAL mode a power loss may lose the last commits,
+    # never corrupt the file) or FULL (every commit waits for the disk: slower writes).
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
     @property
     def resolved_database_url(self) -> str:

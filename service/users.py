@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, contains_eager, selectinload
+from sqlalchemy.orm import Session, contains_eager, selectinload, sessionmaker
 
 from service.audit import Actor, audit_event
 from service.models import ApiToken, AuditAction, User, utcnow
@@ -73,10 +74,9 @@ def authenticate(session: Session, presented: str) -> ApiToken | None:
     """The live token ``presented`` is, with its user; None when it is no token, a revoked one,
     or one of a disabled user.
 
-    One indexed lookup by the token's hash, and no cache, so a revocation or a disabled user
-    counts from the very next request. The lookup compares hashes, not tokens: what its
-    timing could reveal is how much of a guess's SHA-256 matches a stored one, which brings a
-    guess no closer to a token.
+    One indexed lookup by the token's hash (the API puts :class:`TokenCache` in front of it).
+    The lookup compares hashes, not tokens: what its timing could reveal is how much of a
+    guess's SHA-256 matches a stored one, which brings a guess no closer to a token.
     """
     query = (
         select(ApiToken)
@@ -89,6 +89,49 @@ def authenticate(session: Session, presented: str) -> ApiToken | None:
         )
     )
     return session.scalar(query)
+
+
+class TokenCache:
+    """Tokens found live, trusted for ``ttl_s`` without asking the database again: under load
+    most requests then cost no authentication query. A revocation, or a disabled user, counts
+    at most ``ttl_s`` later (every API process has its own cache); an unknown token is never
+    cached, so it is refused however recently it was made live.
+
+    What it hands out (the token and its user) is detached from any session and shared between
+    requests: read it, never change it or add it to a session (``Session.merge(...,
+    load=False)`` gives a request its own copy, without a query).
+    """
+
+    # Far more than any deployment's tokens; a bound all the same.
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, session_factory: sessionmaker[Session], ttl_s: float) -> None:
+        self._session_factory = session_factory
+        self._ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, ApiToken]] = {}
+
+    def cached(self, presented: str) -> ApiToken | None:
+        """The token, if it was found live less than ``ttl_s`` ago; None otherwise (look it up
+        with :meth:`authenticate`)."""
+        entry = self._entries.get(hash_token(presented))
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def clear(self) -> None:
+        """Forget every token: after a change to tokens or users made through this process."""
+        self._entries.clear()
+
+    def authenticate(self, presented: str) -> ApiToken | None:
+        """Look the token up in the database (in a session of its own, closed at once, so what
+        is cached belongs to no request's session) and cache it when live."""
+        with self._session_factory() as session:
+            token = authenticate(session, presented)
+        if token is not None and self._ttl_s > 0:
+            if len(self._entries) >= self.MAX_ENTRIES:
+                self._entries.clear()
+            self._entries[token.token_hash] = (time.monotonic() + self._ttl_s, token)
+        return token
 
 
 def ensure_bootstrap_admin(session: Session, api_token: str) -> User:

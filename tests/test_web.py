@@ -241,7 +241,11 @@ def test_prometheus_metrics_follow_the_jobs(
         return float(match.group(1)) if match else 0.0
 
     before = scrape(live_server)
-    job_id = submit(name="metrics-sweep", training={"method": "trades", "epochs": 2})["id"]
+    job_id = submit(
+        name="metrics-sweep",
+        training={"method": "trades", "epochs": 2},
+        sweep={"parameters": {"training.beta": {"grid": [0.0, 1.0, 6.0]}}},  # RESULTS' trials
+    )["id"]
     queued = scrape(live_server)
     play_workers(dispatch(job_id), job_id, RESULTS, epochs=2)
     api.get(f"/v1/jobs/{job_id}")

@@ -54,12 +54,20 @@ def put_trial(
 
 
 @router.post("/trials/{trial_key}/metrics")
-def post_epoch_metrics(
-    trial_key: TrialKey, report: EpochMetricsReport, job: OpenJobDep, session: SessionDep
+async def post_epoch_metrics(
+    job_id: str, trial_key: TrialKey, report: EpochMetricsReport, session: SessionDep
 ) -> EpochMetricsPublic:
     """One epoch's metrics of a trial, stored once per (trial, epoch)."""
-    row = jobs.record_epoch_metrics(session, job, trial_key, **report.model_dump())
-    return EpochMetricsPublic.model_validate(row)
+
+    # The job is read here, not by OpenJobDep: the hottest write of the service then takes
+    # its connection and gives it back (the commit) in one thread hop; the rest is in the
+    # event loop (an async route's response is not validated in yet another thread).
+    def record() -> EpochMetricsPublic:
+        job = jobs.get_open_job(session, job_id)
+        row = jobs.record_epoch_metrics(session, job, trial_key, **report.model_dump())
+        return EpochMetricsPublic.model_validate(row)
+
+    return await run_in_threadpool(record)
 
 
 @router.post("/trials/{trial_key}/curve")

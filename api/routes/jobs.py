@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api.deps import (
     ArtifactsDep,
+    CallerDep,
     CurrentUserDep,
     RayJobsDep,
     SessionDep,
     SettingsDep,
     VisibleJobDep,
-    current_user,
+    current_token,
 )
 from api.errors import error_responses
+from api.response_cache import read_job_list_page, read_job_page
 from api.schemas import (
     MAX_OFFSET,
     CurvePointPublic,
@@ -31,7 +33,7 @@ from api.schemas import (
     TrialKey,
     TrialPublic,
 )
-from service import jobs, uploads, users
+from service import jobs, uploads
 from service.artifacts import ArtifactStore
 from service.models import JobStatus
 from workers.spec import JobSpec
@@ -39,7 +41,7 @@ from workers.spec import JobSpec
 router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
-    dependencies=[Depends(current_user)],
+    dependencies=[Depends(current_token)],
     responses=error_responses(401, 403, 404, 409, 413, 422, 429),
 )
 
@@ -55,27 +57,35 @@ def submit_job(
     return JobPublic.from_job(jobs.create_job(session, spec, settings, owner=user))
 
 
-@router.get("")
-def list_jobs(
+@router.get("", response_model=JobPage)
+async def list_jobs(
     session: SessionDep,
-    user: CurrentUserDep,
+    user: CallerDep,
+    request: Request,
     status: JobStatus | None = None,
     owner: Annotated[str | None, Query(description="Admins: only this user's jobs.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-) -> JobPage:
+) -> Response:
     """Jobs, newest first, optionally of one status: the caller's own, or an admin's pick."""
-    owner_id = users.owner_filter(session, user, owner)
-    page, total = jobs.list_jobs(
-        session, status=status, limit=limit, offset=offset, owner_id=owner_id
+    page = await read_job_list_page(
+        session,
+        user,
+        owner=owner,
+        status=status,
+        limit=limit,
+        offset=offset,
+        pages=request.app.state.job_pages,
     )
-    items = [JobPublic.from_job(job) for job in page]
-    return JobPage(items=items, total=total, limit=limit, offset=offset)
+    return Response(page, media_type="application/json")
 
 
-@router.get("/{job_id}")
-def read_job(job: VisibleJobDep) -> JobPublic:
-    return JobPublic.from_job(job)
+@router.get("/{job_id}", response_model=JobPublic)
+async def read_job(job_id: str, session: SessionDep, user: CallerDep, request: Request) -> Response:
+    """The job, as clients poll it: served from this process's cache of serialised pages
+    while the job and its trials are unchanged (api.response_cache)."""
+    page = await read_job_page(session, job_id, user, request.app.state.job_pages)
+    return Response(page, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel")

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Query, Request, status
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ArtifactsDep, CurrentUserDep, SessionDep, SettingsDep, current_user
+from api.deps import ArtifactsDep, CurrentUserDep, SessionDep, SettingsDep, current_token
 from api.errors import error_responses
 from api.schemas import ModelPublic
 from service import uploads
@@ -18,7 +18,7 @@ from workers.model_format import model_format
 router = APIRouter(
     prefix="/v1/models",
     tags=["models"],
-    dependencies=[Depends(current_user)],
+    dependencies=[Depends(current_token)],
     responses=error_responses(401, 404, 413, 422),
 )
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import AdminDep, CurrentTokenDep, SessionDep, SettingsDep
+from api.deps import (
+    AdminDep,
+    CurrentTokenDep,
+    CurrentUserDep,
+    SessionDep,
+    SettingsDep,
+    TokenCacheDep,
+)
 from api.errors import error_responses
 from api.schemas import (
     LimitOverrides,
@@ -23,10 +30,10 @@ router = APIRouter(prefix="/v1", tags=["users"], responses=error_responses(401, 
 
 
 @router.get("/me")
-def read_me(token: CurrentTokenDep, settings: SettingsDep) -> Me:
+def read_me(token: CurrentTokenDep, user: CurrentUserDep, settings: SettingsDep) -> Me:
     """The user the request's token belongs to, their limits and tokens, and which token it is."""
-    user = UserPublic.from_user(token.user, settings)
-    return Me(**user.model_dump(), token_id=token.id)
+    public = UserPublic.from_user(user, settings)
+    return Me(**public.model_dump(), token_id=token.id)
 
 
 @router.post("/users", status_code=status.HTTP_201_CREATED, responses=error_responses(422))
@@ -59,20 +66,28 @@ def update_limits(
     session: SessionDep,
     settings: SettingsDep,
     admin: AdminDep,
+    token_cache: TokenCacheDep,
 ) -> UserPublic:
     """Admins: set a user's own limits; a field given as null goes back to the server's."""
     overrides = body.model_dump(exclude_unset=True)
-    return UserPublic.from_user(
-        users.set_limit_overrides(session, name, overrides, by=admin), settings
-    )
+    user = users.set_limit_overrides(session, name, overrides, by=admin)
+    token_cache.clear()  # cached users carry their limits
+    return UserPublic.from_user(user, settings)
 
 
 @router.delete("/users/{name}")
 def disable_user(
-    name: str, session: SessionDep, settings: SettingsDep, admin: AdminDep
+    name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    admin: AdminDep,
+    token_cache: TokenCacheDep,
 ) -> UserPublic:
-    """Admins: disable a user. Their tokens stop working at once; their jobs and results stay."""
-    return UserPublic.from_user(users.disable_user(session, name, by=admin), settings)
+    """Admins: disable a user. Their tokens stop working at once on the API process that took
+    the request, and within ADVORCH_TOKEN_CACHE_S on the others; their jobs and results stay."""
+    user = users.disable_user(session, name, by=admin)
+    token_cache.clear()
+    return UserPublic.from_user(user, settings)
 
 
 @router.post("/users/{name}/tokens", status_code=status.HTTP_201_CREATED)
@@ -82,9 +97,14 @@ def issue_token(name: str, session: SessionDep, admin: AdminDep) -> NewToken:
 
 
 @router.delete("/users/{name}/tokens/{token_id}")
-def revoke_token(name: str, token_id: str, session: SessionDep, admin: AdminDep) -> TokenPublic:
-    """Admins: revoke one of a user's tokens; it stops working at once."""
-    return TokenPublic.model_validate(users.revoke_token(session, name, token_id, by=admin))
+def revoke_token(
+    name: str, token_id: str, session: SessionDep, admin: AdminDep, token_cache: TokenCacheDep
+) -> TokenPublic:
+    """Admins: revoke one of a user's tokens. It stops working at once on the API process that
+    took the request, and within ADVORCH_TOKEN_CACHE_S on the others."""
+    revoked = users.revoke_token(session, name, token_id, by=admin)
+    token_cache.clear()
+    return TokenPublic.model_validate(revoked)
 
 
 def _new_token(issued: IssuedToken) -> NewToken:
