@@ -3,11 +3,10 @@ real ``advorch serve``: the epochs each trains and the best validation robust ac
 finds, the number the job's best trial is chosen by.
 
     python bench/asha.py                         # 3 betas x 3 epsilons, 8 epochs, digits
-    python bench/asha.py --epochs 12 --reduction-factor 3
+    python bench/asha.py --epochs 12 --betas 1 3 6 --epsilons 0.05 0.1
 
-ASHA's settings are the ones ``scheduler: asha`` gives users (``workers.sweep``); the options
-here only override them to compare others. Target (issue 10): ASHA's best within 1 point of the
-grid's for at most 40% of its epochs.
+ASHA runs with the settings ``scheduler: asha`` gives users (``workers.sweep``). Target
+(issue 10): ASHA's best within 1 point of the grid's for at most 40% of its epochs.
 """
 
 from __future__ import annotations
