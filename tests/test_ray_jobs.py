@@ -303,7 +303,11 @@ def test_serve_starts_its_own_ray_head_and_leaves_none_behind(tmp_path: Path) ->
 
         exit_code = service.stop(sig)
         assert exit_code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
-        wait_for(f"the Ray head to exit after {sig.name}", lambda: not live(started), 30)  # noqa: B023
+        try:
+            wait_for(f"the Ray head to exit after {sig.name}", lambda: not live(started), 30)  # noqa: B023
+        except AssertionError as error:
+            left = "\n".join(started[pid][:200] for pid in live(started))
+            raise AssertionError(f"{error}; still running:\n{left}") from None
 
 
 def test_a_retried_submission_starts_one_ray_job(ray_jobs: RayJobs) -> None:
