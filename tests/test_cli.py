@@ -89,7 +89,8 @@ def test_submit_with_overrides_then_read_everything_back(
     )
 
     listing = advorch("jobs")
-    assert job_id in listing.stdout and "succeeded" in listing.stdout and "80.0%" in listing.stdout
+    row = next(line for line in listing.stdout.splitlines() if job_id in line)
+    assert "succeeded" in row and "80.0% PGD-20" in row
     results = advorch("results", job_id)
     assert results.returncode == 0, results.stderr
     best_line = next(line for line in results.stdout.splitlines() if "★" in line)
@@ -98,7 +99,8 @@ def test_submit_with_overrides_then_read_everything_back(
     other_line = next(line for line in results.stdout.splitlines() if "trial_0000" in line)
     assert "(EMA)" not in other_line
     status = advorch("status", job_id)
-    assert "trials 2/2 done" in status.stdout and "best robust 80.0%" in status.stdout
+    words = " ".join(status.stdout.split())  # the title wraps at the table's width
+    assert "trials 2/2 done" in words and "best robust 80.0% PGD-20 (trial_0001)" in words
 
     plot = tmp_path / "tradeoff.png"
     tradeoff = advorch("tradeoff", job_id, "--plot", str(plot))
@@ -109,6 +111,35 @@ def test_submit_with_overrides_then_read_everything_back(
     assert advorch("checkpoint", job_id, "trial_0001", "-o", str(downloaded)).returncode == 0
     model = load_checkpoint(downloaded)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_jobs_and_status_show_autoattacks_accuracy_where_the_job_ran_it(
+    advorch: Advorch, submit: Callable[..., dict[str, Any]], dispatch: Callable[[str], httpx.Client]
+) -> None:
+    job_id = submit(
+        name="cli-autoattack",
+        training={"method": "trades", "epochs": 2},
+        evaluation={"autoattack": True},
+    )["id"]
+    # PGD-20 leaves 60%, AutoAttack 52%: only AutoAttack's number may be shown as the robust one.
+    play_workers(
+        dispatch(job_id),
+        job_id,
+        {"trial_0000": (6.0, 0.9, 0.6)},
+        autoattack={"trial_0000": 0.52},
+    )
+
+    listing = advorch("jobs")
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if job_id in line)
+    assert "52.0% AutoAttack (standard)" in row and "60.0%" not in row
+    status = advorch("status", job_id)
+    assert status.returncode == 0, status.stderr
+    trial_row = next(line for line in status.stdout.splitlines() if "│ trial_0000" in line)
+    assert "52.0%" in trial_row and "60.0%" not in trial_row
+    words = " ".join(status.stdout.split())  # the title and caption wrap at the table's width
+    assert "best robust 52.0% AutoAttack (standard) (trial_0000)" in words
+    assert "done: test accuracy (robust: AutoAttack (standard))" in words
 
 
 def test_wait_follows_the_job_to_its_end_and_exits_by_its_outcome(
