@@ -34,6 +34,7 @@ from service.client import (
     write_cli_config,
 )
 from service.settings import get_settings
+from workers.spec import ARCH_PATH
 
 app = typer.Typer(
     help="advorch: adversarial training jobs (PGD-AT, TRADES) on Ray, over REST.",
@@ -314,7 +315,7 @@ def _robustbench_entries(job: dict[str, Any], trials: list[dict[str, Any]]) -> l
             "authors": "",
             "venue": "",
             "link": "",
-            "architecture": spec["model"]["arch"],
+            "architecture": _architecture(job, trial),
             "dataset": spec["dataset"]["name"],
             "threat_model": "Linf",
             "eps": f"{spec['evaluation']['epsilon']:.6g}",
@@ -331,6 +332,15 @@ def _robustbench_entries(job: dict[str, Any], trials: list[dict[str, Any]]) -> l
         for trial in trials
         if trial["status"] == "succeeded"
     ]
+
+
+def _architecture(job: dict[str, Any], trial: dict[str, Any]) -> str:
+    """The architecture a trial's numbers are of: a training job's spec names it; an evaluate
+    job's spec holds only the default, and its worker reports the model it attacked in the
+    trial's config ("unknown" where it did not)."""
+    if job["spec"]["kind"] == "evaluate":
+        return str(trial["config"].get(ARCH_PATH, "unknown"))
+    return str(job["spec"]["model"]["arch"])
 
 
 @app.command()
