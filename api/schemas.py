@@ -28,6 +28,7 @@ from service.results import (
     RobustAxis,
     TradeoffPoint,
     best_trial,
+    robust_axis,
     selection_metric,
     tradeoff,
 )
@@ -92,6 +93,11 @@ class JobPublic(BaseModel):
     best_trial: BestTrialPublic | None = Field(
         description="The trial of the best validation score (never chosen by a test number)."
     )
+    robust_axis: RobustAxis = Field(
+        description="Which robust accuracy to show for the job (the trade-off's axis): the "
+        "trial column (autoattack_acc where the job runs AutoAttack, else robust_acc), the "
+        "attack, epsilon."
+    )
 
     @classmethod
     def from_job(cls, job: Job) -> JobPublic:
@@ -111,6 +117,7 @@ class JobPublic(BaseModel):
             dashboard_url=job.dashboard_url,
             progress=job_progress(job),
             best_trial=BestTrialPublic.of(job),
+            robust_axis=robust_axis(job),
         )
 
 

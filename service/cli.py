@@ -34,6 +34,7 @@ from service.client import (
     write_cli_config,
 )
 from service.settings import get_settings
+from workers.spec import ARCH_PATH
 
 app = typer.Typer(
     help="advorch: adversarial training jobs (PGD-AT, TRADES) on Ray, over REST.",
@@ -166,7 +167,6 @@ def jobs(
     table = Table("id", "name", "owner", "status", "trials", "best robust", "created")
     table.columns[0].no_wrap = True  # whole, to copy into the other commands
     for job in page["items"]:
-        best = job["best_trial"] or {}
         progress = job["progress"]
         table.add_row(
             job["id"],
@@ -174,7 +174,7 @@ def jobs(
             job["owner"],
             job["status"],
             f"{progress['trials_done']}/{progress['trials_total']}",
-            _pct(best.get("robust_acc")),
+            _best_robust_text(job),
             job["created_at"][5:16].replace("T", " "),
         )
     console.print(table)
@@ -207,6 +207,14 @@ def logs(job_id: str) -> None:
     """The job's Ray Job log (its driver's output: the Tune progress and any error)."""
     with _client() as client:
         typer.echo(client.logs(job_id), nl=False)
+
+
+def _best_robust_text(job: dict[str, Any]) -> str:
+    """The best trial's robust accuracy on the job's robust axis, naming the attack: AutoAttack's
+    where the job runs it, as the trade-off has it ("52.0% AutoAttack (standard)", "84.7%
+    PGD-20"); "-" before a trial succeeded."""
+    best, axis = job["best_trial"], job["robust_axis"]
+    return "-" if best is None else f"{_pct(best[axis['metric']])} {axis['attack']}"
 
 
 def _robust_title(job: dict[str, Any]) -> str:
@@ -307,7 +315,7 @@ def _robustbench_entries(job: dict[str, Any], trials: list[dict[str, Any]]) -> l
             "authors": "",
             "venue": "",
             "link": "",
-            "architecture": spec["model"]["arch"],
+            "architecture": _architecture(job, trial),
             "dataset": spec["dataset"]["name"],
             "threat_model": "Linf",
             "eps": f"{spec['evaluation']['epsilon']:.6g}",
@@ -324,6 +332,15 @@ def _robustbench_entries(job: dict[str, Any], trials: list[dict[str, Any]]) -> l
         for trial in trials
         if trial["status"] == "succeeded"
     ]
+
+
+def _architecture(job: dict[str, Any], trial: dict[str, Any]) -> str:
+    """The architecture a trial's numbers are of: a training job's spec names it; an evaluate
+    job's spec holds only the default, and its worker reports the model it attacked in the
+    trial's config ("unknown" where it did not)."""
+    if job["spec"]["kind"] == "evaluate":
+        return str(trial["config"].get(ARCH_PATH, "unknown"))
+    return str(job["spec"]["model"]["arch"])
 
 
 @app.command()
@@ -618,16 +635,19 @@ def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:
     (a line per finished attack) while it runs, and the job's status."""
     job = client.job(job_id)
     trials = client.trials(job_id)
-    progress, best = job["progress"], job["best_trial"]
+    progress, best, axis = job["progress"], job["best_trial"], job["robust_axis"]
     evaluate_job = job["spec"]["kind"] == "evaluate"
     epochs = job["spec"]["training"]["epochs"]
     title = (
         f"{job['name']} ({job['status']})  "
         f"trials {progress['trials_done']}/{progress['trials_total']} done"
-        + (f"  best robust {_pct(best['robust_acc'])} ({best['key']})" if best else "")
+        + (f"  best robust {_best_robust_text(job)} ({best['key']})" if best else "")
     )
     table = Table("trial", "config", "status", "epoch", "clean acc", "robust acc", title=title)
-    table.caption = "running: the last epoch's validation accuracy; done: test accuracy"
+    table.caption = (
+        "running: the last epoch's validation accuracy (robust: PGD); "
+        f"done: test accuracy (robust: {axis['attack']})"
+    )
     attack_lines = []
     for trial in trials:
         if trial["status"] == "running" and not evaluate_job:
@@ -638,7 +658,7 @@ def _progress_view(client: AdvorchClient, job_id: str) -> tuple[Table, str]:
         else:
             best_epoch = trial["best_epoch"]
             epoch = f"best {best_epoch}" if best_epoch else "-"
-            clean, robust = trial["clean_acc"], trial["robust_acc"]
+            clean, robust = trial["clean_acc"], trial[axis["metric"]]
         table.add_row(
             trial["key"],
             _config_text(trial["config"]),

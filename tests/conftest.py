@@ -283,11 +283,13 @@ def play_workers(
     epochs: int = 2,
     checkpoints: bool = False,
     ema: frozenset[str] = frozenset(),
+    autoattack: dict[str, float] | None = None,
 ) -> None:
     """Post what a job's workers post, through the internal routes: running; for each trial
     ``key -> (beta, clean acc, robust acc)`` its epochs' validation accuracies rising to those
     numbers (with ``checkpoints``, a real small_cnn checkpoint uploaded for the last, best,
-    epoch), its results (of the EMA weights for the keys in ``ema``); then succeeded. Every
+    epoch), its results (of the EMA weights for the keys in ``ema``; with AutoAttack's
+    accuracy for the keys in ``autoattack``, for a job that runs it); then succeeded. Every
     post must be taken."""
 
     def expect_ok(response: httpx.Response) -> None:
@@ -317,6 +319,8 @@ def play_workers(
         }
         if key in ema:
             trial["weights"] = "ema"
+        if autoattack is not None and key in autoattack:
+            trial["autoattack_acc"] = autoattack[key]
         expect_ok(worker.put(f"{base}/trials/{key}", json=trial))
     expect_ok(worker.post(f"{base}/events", json={"status": "succeeded", "reason": "done"}))
 

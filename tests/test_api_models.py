@@ -4,12 +4,19 @@ clearly when they are no model."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.conftest import UserClient, checkpoint_bytes
+from service.auth import worker_token
+from tests.conftest import LiveServer, UserClient, checkpoint_bytes
+from workers.evaluation_job import EVALUATION_TRIAL, evaluate_curve
+from workers.job_env import JobEnv
+from workers.reporter import Reporter
+from workers.spec import ARCH_PATH, JobSpec
 
 
 def upload(
@@ -67,3 +74,42 @@ def test_a_file_that_is_no_model_or_arrived_damaged_is_refused(api: httpx.Client
     bad_name = upload(api, checkpoint_bytes(), filename="../../etc/passwd")
     assert bad_name.status_code == 422
     assert bad_name.json()["error"]["fields"][0]["field"] == "query.filename"
+
+
+def test_an_evaluate_job_reports_the_architecture_of_the_model_it_attacked(
+    live_server: LiveServer,
+    api: httpx.Client,
+    dispatch: Callable[[str], httpx.Client],
+    tmp_path: Path,
+) -> None:
+    # The evaluate job's own work, without Ray: download the source, attack it, post results.
+    model_id = upload(api, checkpoint_bytes()).json()["id"]
+    submitted = {
+        "name": "evaluate-arch",
+        "kind": "evaluate",
+        "source": {"model": model_id},
+        "evaluation": {"epsilons": [0.1], "attack_steps": 1},
+    }
+    response = api.post("/v1/jobs", json=submitted)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    dispatch(job_id)
+    spec = JobSpec.model_validate(submitted)
+    env = JobEnv(
+        job_id=job_id,
+        service_url=live_server.url,
+        worker_token=worker_token(live_server.settings, job_id),
+        spec_json=json.dumps(spec.submitted()),
+        storage_uri=str(tmp_path / "storage"),
+        data_dir=str(tmp_path / "data"),
+    )
+    reporter = Reporter.for_job(env)
+    try:
+        evaluate_curve(spec, env, reporter, {"source": {"model": model_id}})
+    finally:
+        reporter.close()
+
+    (trial,) = api.get(f"/v1/jobs/{job_id}/trials").json()
+    assert (trial["key"], trial["status"]) == (EVALUATION_TRIAL, "succeeded")
+    # The uploaded checkpoint's own arch (checkpoint_bytes: a small_cnn), read from its meta.
+    assert trial["config"] == {"source": {"model": model_id}, ARCH_PATH: "small_cnn"}

@@ -52,8 +52,9 @@ def job_routes(job_id: str, trial_key: str) -> list[tuple[str, str]]:
         ("GET", f"{base}/trials/{trial_key}/metrics"),
         ("GET", f"{base}/trials/{trial_key}/checkpoint"),
         ("GET", f"{base}/tradeoff"),
+        ("GET", f"{base}/curve"),
         ("GET", f"{base}/logs"),
-        ("POST", f"{base}/cancel"),
+        ("POST", f"{base}/cancel"),  # last: the owner's check leaves it out
     ]
 
 

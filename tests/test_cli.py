@@ -5,6 +5,7 @@ through the internal routes (the Ray tests run the real ones)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -23,7 +24,8 @@ import torch
 import yaml
 
 from tests.conftest import LiveServer, bearer, play_workers
-from workers.models import load_checkpoint
+from workers.models import build_model, load_checkpoint, model_architecture
+from workers.spec import ARCH_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_EXAMPLE = ROOT / "examples" / "trades_beta_sweep.yaml"
@@ -89,7 +91,8 @@ def test_submit_with_overrides_then_read_everything_back(
     )
 
     listing = advorch("jobs")
-    assert job_id in listing.stdout and "succeeded" in listing.stdout and "80.0%" in listing.stdout
+    row = next(line for line in listing.stdout.splitlines() if job_id in line)
+    assert "succeeded" in row and "80.0% PGD-20" in row
     results = advorch("results", job_id)
     assert results.returncode == 0, results.stderr
     best_line = next(line for line in results.stdout.splitlines() if "★" in line)
@@ -98,7 +101,8 @@ def test_submit_with_overrides_then_read_everything_back(
     other_line = next(line for line in results.stdout.splitlines() if "trial_0000" in line)
     assert "(EMA)" not in other_line
     status = advorch("status", job_id)
-    assert "trials 2/2 done" in status.stdout and "best robust 80.0%" in status.stdout
+    words = " ".join(status.stdout.split())  # the title wraps at the table's width
+    assert "trials 2/2 done" in words and "best robust 80.0% PGD-20 (trial_0001)" in words
 
     plot = tmp_path / "tradeoff.png"
     tradeoff = advorch("tradeoff", job_id, "--plot", str(plot))
@@ -109,6 +113,125 @@ def test_submit_with_overrides_then_read_everything_back(
     assert advorch("checkpoint", job_id, "trial_0001", "-o", str(downloaded)).returncode == 0
     model = load_checkpoint(downloaded)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_jobs_and_status_show_autoattacks_accuracy_where_the_job_ran_it(
+    advorch: Advorch, submit: Callable[..., dict[str, Any]], dispatch: Callable[[str], httpx.Client]
+) -> None:
+    job_id = submit(
+        name="cli-autoattack",
+        training={"method": "trades", "epochs": 2},
+        evaluation={"autoattack": True},
+    )["id"]
+    # PGD-20 leaves 60%, AutoAttack 52%: only AutoAttack's number may be shown as the robust one.
+    play_workers(
+        dispatch(job_id),
+        job_id,
+        {"trial_0000": (6.0, 0.9, 0.6)},
+        autoattack={"trial_0000": 0.52},
+    )
+
+    listing = advorch("jobs")
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if job_id in line)
+    assert "52.0% AutoAttack (standard)" in row and "60.0%" not in row
+    status = advorch("status", job_id)
+    assert status.returncode == 0, status.stderr
+    trial_row = next(line for line in status.stdout.splitlines() if "│ trial_0000" in line)
+    assert "52.0%" in trial_row and "60.0%" not in trial_row
+    words = " ".join(status.stdout.split())  # the title and caption wrap at the table's width
+    assert "best robust 52.0% AutoAttack (standard) (trial_0000)" in words
+    assert "done: test accuracy (robust: AutoAttack (standard))" in words
+
+
+def test_results_export_robustbench_entries_of_a_training_and_an_evaluate_job(
+    advorch: Advorch,
+    api: httpx.Client,
+    submit: Callable[..., dict[str, Any]],
+    dispatch: Callable[[str], httpx.Client],
+    tmp_path: Path,
+) -> None:
+    trained = submit(
+        name="cli-export",
+        model={"arch": "preact_resnet18"},
+        training={"method": "trades", "epochs": 2},
+        evaluation={"autoattack": True},
+    )["id"]
+    play_workers(
+        dispatch(trained), trained, {"trial_0000": (6.0, 0.9, 0.6)}, autoattack={"trial_0000": 0.52}
+    )
+    # An evaluate job of an uploaded torch.export program: its spec's model.arch is only the
+    # default (small_cnn); its worker reports what the file says of its architecture.
+    program = torch.export.export(
+        build_model("small_cnn", in_channels=1).eval(),
+        (torch.rand(2, 1, 8, 8),),
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    torch.export.save(program, tmp_path / "model.pt2")
+    uploaded = api.post(
+        "/v1/models",
+        params={"filename": "model.pt2"},
+        content=(tmp_path / "model.pt2").read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    evaluated = submit(
+        name="cli-export-evaluate",
+        kind="evaluate",
+        source={"model": uploaded.json()["id"]},
+        evaluation={"epsilons": [0.05, 0.1], "autoattack": True},
+    )["id"]
+    config = {"source": {"model": uploaded.json()["id"]}}
+    trial = {
+        "config": {**config, ARCH_PATH: model_architecture(tmp_path / "model.pt2")},
+        "status": "succeeded",
+        "clean_acc": 0.8,
+        "robust_acc": 0.5,
+        "autoattack_acc": 0.45,
+        "autoattack": {"after_attack": {"clean": 0.8}, "seconds": 1.0, "unreliable": True},
+    }
+    put = dispatch(evaluated).put(f"/v1/internal/jobs/{evaluated}/trials/trial_0000", json=trial)
+    assert put.status_code == 200, put.text
+
+    def exported(job_id: str) -> list[dict[str, Any]]:
+        result = advorch("results", job_id, "--format", "robustbench")
+        assert result.returncode == 0, result.stderr
+        entries: list[dict[str, Any]] = json.loads(result.stdout)
+        return entries
+
+    # RobustBench's model_info fields; venue and link are the user's to fill.
+    unfilled = {"authors": "", "venue": "", "link": "", "threat_model": "Linf"}
+    once = {"additional_data": False, "number_forward_passes": 1}
+    assert exported(trained) == [
+        {
+            "trial": "trial_0000",
+            "config": {"training.beta": 6.0},
+            "name": "cli-export trial_0000",
+            **unfilled,
+            "architecture": "preact_resnet18",
+            "dataset": "digits",
+            "eps": "0.0313725",  # 8/255
+            "clean_acc": "90.00",
+            "autoattack_acc": "52.00",
+            **once,
+            "unreliable": False,
+        }
+    ]
+    assert exported(evaluated) == [
+        {
+            "trial": "trial_0000",
+            "config": trial["config"],
+            "name": "cli-export-evaluate trial_0000",
+            **unfilled,
+            "architecture": "unknown (torch.export program)",
+            "dataset": "digits",
+            "eps": "0.1",  # the curve's largest epsilon: the job's headline
+            "clean_acc": "80.00",
+            "autoattack_acc": "45.00",
+            **once,
+            "unreliable": True,
+        }
+    ]
 
 
 def test_wait_follows_the_job_to_its_end_and_exits_by_its_outcome(

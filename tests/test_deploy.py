@@ -642,6 +642,10 @@ def test_paper_recipes_use_the_fields_attack_settings() -> None:
         assert spec.training.step_size == pytest.approx(2 / 255)
         assert spec.training.attack_steps == 10
         assert spec.evaluation.attack_steps >= 20
+        # BatchNorm in the training attack as each paper's script has it: Rice et al.'s model
+        # stays in train mode; the TRADES code (and AWP's, built on it) attacks in eval mode.
+        expected_bn = "train" if spec.training.method == "pgd_at" else "eval"
+        assert spec.training.attack_bn == expected_bn, name
     sweep = JobSpec.model_validate(
         yaml.safe_load((ROOT / "examples" / "trades_beta_sweep.yaml").read_text())
     )

@@ -19,7 +19,15 @@ from workers.data import NORMALIZATIONS, load_dataset
 from workers.device import autocast, full_precision
 from workers.evaluate import clean_accuracy, evaluate_robustness, robust_accuracy
 from workers.model_format import NotAModelFile, model_format
-from workers.models import Normalized, build_model, load_checkpoint, load_model, save_checkpoint
+from workers.models import (
+    Normalized,
+    build_model,
+    load_checkpoint,
+    load_model,
+    model_architecture,
+    save_checkpoint,
+)
+from workers.models.checkpoint import UNKNOWN_ARCH
 from workers.spec import EvaluationSpec
 from workers.training import adversarial_train_step
 
@@ -209,6 +217,14 @@ def test_a_model_file_is_a_checkpoint_or_a_torch_export_program_or_refused(
     save_checkpoint(tmp_path / "best.pt", cnn, meta)
     assert model_format(tmp_path / "best.pt") == "advorch"
     assert isinstance(load_model(tmp_path / "best.pt"), type(cnn))
+    # What an evaluate job reports it attacked: the checkpoint's architecture; a program's is
+    # not in the file.
+    resnet = build_model("preact_resnet18", in_channels=1)
+    meta = {"arch": "preact_resnet18", "num_classes": 10, "input_shape": (1, 8, 8)}
+    assert model_architecture(save_checkpoint(tmp_path / "resnet.pt", resnet, meta)) == (
+        "preact_resnet18"
+    )
+    assert model_architecture(tmp_path / "model.pt2") == UNKNOWN_ARCH
 
     (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(NotAModelFile, match="not a PyTorch archive"):

@@ -178,6 +178,32 @@ def test_the_page_shows_autoattack_and_an_evaluate_jobs_curve(
     ]
 
 
+def test_the_job_list_names_the_attack_of_each_best_robust_accuracy(
+    live_server: LiveServer,
+    submit: Callable[..., dict[str, Any]],
+    dispatch: Callable[[str], httpx.Client],
+    finished_sweep: str,
+) -> None:
+    # A job that ran AutoAttack is listed by AutoAttack's accuracy, not its (higher) PGD one.
+    autoattacked: str = submit(
+        name="web-autoattack",
+        training={"method": "trades", "epochs": 2},
+        evaluation={"autoattack": True},
+    )["id"]
+    play_workers(
+        dispatch(autoattacked),
+        autoattacked,
+        {"trial_0000": (6.0, 0.9, 0.6)},
+        autoattack={"trial_0000": 0.52},
+    )
+
+    dom = render(f"{live_server.url}/#token={live_server.api_token}")
+    header, *rows = dom.tables["jobs"]
+    best_robust = {row[0]: row[header.index("best robust acc")] for row in rows}
+    assert best_robust["web-autoattack"] == "52.0% AutoAttack (standard)"
+    assert best_robust["web-sweep"] == "45.0% PGD-20"
+
+
 def test_the_page_asks_for_a_token_and_shows_nothing_without_one(live_server: LiveServer) -> None:
     dom = render(f"{live_server.url}/")
     assert dom.count("form", id="login") == 1

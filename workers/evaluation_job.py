@@ -24,9 +24,9 @@ from workers.data import NUM_CLASSES, load_dataset
 from workers.device import default_device, memory_format
 from workers.evaluate import RobustnessResult, evaluate_robustness
 from workers.job_env import JobEnv
-from workers.models import load_model
+from workers.models import load_model, model_architecture
 from workers.reporter import Reporter
-from workers.spec import JobSpec
+from workers.spec import ARCH_PATH, JobSpec
 
 # An evaluate job is one trial, under this key, whose curve holds its points.
 EVALUATION_TRIAL = "trial_0000"
@@ -69,7 +69,11 @@ def evaluate_curve(
 ) -> list[RobustnessResult]:
     scratch = env.scratch_dir(EVALUATION_TRIAL)
     device = default_device()
-    model = load_model(reporter.download_source(scratch / "model")).to(device)
+    source = reporter.download_source(scratch / "model")
+    model = load_model(source).to(device)
+    # The spec's model.arch is only its default: the trial's config says which architecture
+    # was attacked, for the results and the RobustBench export to report.
+    config = {**config, ARCH_PATH: model_architecture(source)}
     x_test, y_test = load_dataset(spec.dataset.name, "test", Path(env.data_dir))
     check_fits(model, x_test, spec.dataset.name)
     x_test, y_test = x_test.to(device, memory_format=memory_format(device)), y_test.to(device)

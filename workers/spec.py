@@ -56,6 +56,9 @@ METHOD_ONLY_FIELDS: dict[str, frozenset[str]] = {
 DEFAULT_ATTACK_STEPS = 10
 # The field that tells a sweep's repeats apart: each repeat has its own seed.
 SEED_PATH = "training.seed"
+# An evaluate job's trial config holds the architecture of the model it attacked under this
+# path: its spec's model.arch is only the default, since the model comes from its source.
+ARCH_PATH = "model.arch"
 # The most epsilons one evaluate job attacks at.
 MAX_CURVE_POINTS = 32
 

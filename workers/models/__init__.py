@@ -14,6 +14,7 @@ from workers.models import preact_resnet, small_cnn, wide_resnet  # noqa: F401 (
 from workers.models.checkpoint import (
     load_checkpoint,
     load_model,
+    model_architecture,
     read_checkpoint_meta,
     save_checkpoint,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "build_model",
     "load_checkpoint",
     "load_model",
+    "model_architecture",
     "read_checkpoint_meta",
     "register_model",
     "save_checkpoint",

@@ -64,6 +64,18 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+# A torch.export program keeps its graph, not the name of the network it was exported from.
+UNKNOWN_ARCH = "unknown (torch.export program)"
+
+
+def model_architecture(path: str | Path) -> str:
+    """The architecture of a model file ``load_model`` takes: an advorch checkpoint's ``arch``
+    (``preact_resnet18``, ...); UNKNOWN_ARCH for a torch.export program."""
+    if model_format(path) == "advorch":
+        return str(read_checkpoint_meta(path)["arch"])
+    return UNKNOWN_ARCH
+
+
 def load_checkpoint(path: str | Path) -> nn.Module:
     """The model saved at ``path``, on the CPU, in eval mode, ready to predict."""
     content = read_checkpoint(path)
