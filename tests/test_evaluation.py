@@ -4,7 +4,9 @@ attack, the input normalisation inside the model, and model files of either form
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from types import FrameType
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from torch import nn
 
 from workers import device as device_module
 from workers.attacks import fgsm, pgd_linf, trades_attack
-from workers.autoattack import STANDARD_ATTACKS, run_autoattack
+from workers.autoattack import STANDARD_ATTACKS, run_autoattack, trace_function_kept
 from workers.data import NORMALIZATIONS, load_dataset
 from workers.device import autocast, full_precision
 from workers.evaluate import clean_accuracy, evaluate_robustness, robust_accuracy
@@ -60,7 +62,8 @@ def test_autoattack_is_the_reference_codes_and_resumes_after_its_last_finished_a
     reference = AutoAttack(
         linear_digits_model, norm="Linf", eps=EPSILON, version="standard", seed=0
     )
-    _, y_adv = reference.run_standard_evaluation(x, y, batch_size=250)
+    with trace_function_kept():  # the suite's coverage
+        _, y_adv = reference.run_standard_evaluation(x, y, batch_size=250)
     assert whole.accuracy == (y_adv == y).float().mean().item()
 
     # Cut short after its second attack (the process died), it resumes from the state file:
@@ -90,6 +93,25 @@ def test_autoattack_is_the_reference_codes_and_resumes_after_its_last_finished_a
     assert attacks_run == ["fab-t", "square"]
     assert resumed.accuracy == whole.accuracy
     assert resumed.after_attack == whole.after_attack
+
+
+def test_autoattack_leaves_the_trace_function_of_the_process_in_place(
+    linear_digits_model: nn.Module,
+) -> None:
+    """AutoAttack's check for dynamic defenses drops the thread's trace function (a debugger's,
+    the suite's coverage); run_autoattack puts it back."""
+    x, y = load_dataset("digits", "test")
+
+    def tracer(frame: FrameType, event: str, arg: object) -> None:
+        return None  # sees calls only
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        run_autoattack(linear_digits_model, x[:4], y[:4], epsilon=EPSILON, seed=0)
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
 
 
 def test_autoattack_passes_on_the_warnings_of_its_checks(linear_digits_model: nn.Module) -> None:

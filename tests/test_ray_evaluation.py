@@ -28,7 +28,7 @@ from tests.ray_support import (
     wait_until_finished,
 )
 from workers.attacks import pgd_linf
-from workers.autoattack import STANDARD_ATTACKS
+from workers.autoattack import STANDARD_ATTACKS, trace_function_kept
 from workers.data import load_dataset
 from workers.models import build_model, load_checkpoint
 from workers.training import adversarial_train_step
@@ -47,7 +47,8 @@ def autoattack_directly(model: torch.nn.Module, examples: int, *, seed: int) -> 
     torch.set_num_threads(1)  # as a Ray worker of one CPU computes, bit for bit
     try:
         attack = AutoAttack(model, norm="Linf", eps=EPSILON, version="standard", seed=seed)
-        _, y_adv = attack.run_standard_evaluation(x, y, batch_size=250)
+        with trace_function_kept():  # the suite's coverage
+            _, y_adv = attack.run_standard_evaluation(x, y, batch_size=250)
     finally:
         torch.set_num_threads(threads)
     return (y_adv == y).float().mean().item()

@@ -61,10 +61,17 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
     }
 
 
-def test_trades_beta_sweep_runs_to_its_results(
-    ray_api: httpx.Client, ray_jobs: RayJobs, tmp_path: Path
+def test_a_trades_beta_sweep_runs_to_its_results_through_a_killed_service(
+    service: Service, ray_api: httpx.Client, ray_jobs: RayJobs, tmp_path: Path
 ) -> None:
+    """The sweep of the README, with the service SIGKILLed after the first epoch and started
+    again: the trials keep training and retry their posts, the third trial starts under the
+    new service, and the job ends with every epoch of every trial and the right best trial."""
     job_id = submit(ray_api, trades_spec("beta-sweep", sweep=beta_sweep(0.0, 1.0, 6.0)))
+    wait_for("the first epoch", lambda: epochs_done(ray_api, job_id) > 0)
+    service.stop(signal.SIGKILL)
+    time.sleep(3)  # the workers keep training, and retry their posts
+    service.start()
 
     job = wait_until_finished(ray_api, job_id)
     assert job["status"] == "succeeded", job["error"]
@@ -90,6 +97,9 @@ def test_trades_beta_sweep_runs_to_its_results(
         assert trial["best_epoch"] == 1 + scores.index(max(scores))
         assert trial["val_robust_acc"] == max(scores)
         assert trial["checkpoint"]["epoch"] == trial["best_epoch"]
+
+    events = [e["to_status"] for e in get(ray_api, f"/v1/jobs/{job_id}/events")]
+    assert events == ["queued", "submitted", "running", "succeeded"]
 
     # The job's best trial is the best by validation, whatever the test numbers say.
     best = max(trials, key=lambda t: (t["val_robust_acc"], t["val_clean_acc"]))
@@ -249,29 +259,6 @@ def test_a_missing_data_set_fails_the_job_with_its_message(ray_api: httpx.Client
     assert trial["reason"] == trial["error"].splitlines()[0]
     # The Ray Job's own log, through the API (what `advorch logs` prints), tells the same.
     assert "CIFAR-10 folder not found" in get(ray_api, f"/v1/jobs/{job_id}/logs")["logs"]
-
-
-def test_a_sweep_survives_the_service_being_killed(service: Service, ray_api: httpx.Client) -> None:
-    epochs = 3
-    job_id = submit(ray_api, trades_spec("survivor", epochs=epochs, sweep=beta_sweep(0.0, 6.0)))
-    wait_for("the first epoch", lambda: epochs_done(ray_api, job_id) > 0)
-
-    service.stop(signal.SIGKILL)
-    time.sleep(3)  # the workers keep training, and retry their posts
-    service.start()
-
-    job = wait_until_finished(ray_api, job_id)
-    assert job["status"] == "succeeded", job["error"]
-    trials = assert_every_trial_ended(ray_api, job_id)
-    assert sorted(t["config"]["training.beta"] for t in trials) == [0.0, 6.0]
-    for trial in trials:
-        assert trial["status"] == "succeeded" and trial["robust_acc"] is not None
-        epochs_seen = [
-            e["epoch"] for e in get(ray_api, f"/v1/jobs/{job_id}/trials/{trial['key']}/metrics")
-        ]
-        assert epochs_seen == list(range(1, epochs + 1))
-    events = [e["to_status"] for e in get(ray_api, f"/v1/jobs/{job_id}/events")]
-    assert events == ["queued", "submitted", "running", "succeeded"]
 
 
 def test_serve_starts_its_own_ray_head_and_leaves_none_behind(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -127,9 +128,10 @@ def run_autoattack(
             remaining = robust.nonzero().flatten()
             if len(remaining):
                 attack.attacks_to_run = [name]
-                _, y_adv = attack.run_standard_evaluation(
-                    x[remaining], y[remaining], batch_size=batch_size
-                )
+                with trace_function_kept():
+                    _, y_adv = attack.run_standard_evaluation(
+                        x[remaining], y[remaining], batch_size=batch_size
+                    )
                 robust[remaining] = y_adv.to(device) == y[remaining]
             state.robust_flags = robust
             state.add_run_attack(name)
@@ -194,6 +196,19 @@ def _save_progress(state_path: Path | None, after_attack: dict[str, float], seco
 
 def _progress_path(state_path: Path) -> Path:
     return state_path.with_name(state_path.name + ".progress.json")
+
+
+@contextmanager
+def trace_function_kept() -> Iterator[None]:
+    """The thread's trace function as it was before the block. AutoAttack's check for dynamic
+    defenses (``checks.check_dynamic``) sets a trace function of its own and then
+    ``sys.settrace(None)``, dropping whatever traced the process before: a debugger, or the
+    coverage of the test suite, which measured nothing after the first AutoAttack."""
+    tracer = sys.gettrace()
+    try:
+        yield
+    finally:
+        sys.settrace(tracer)
 
 
 @contextmanager
