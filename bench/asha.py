@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 from live_service import epochs_of, finished, running_service, submit, wait
 
+from workers.sweep import ASHA_REDUCTION_FACTOR, asha_grace_period
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -27,6 +29,13 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 1.0, 6.0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument(
+        "--schedulers",
+        nargs="+",
+        choices=["fifo", "asha"],
+        default=["fifo", "asha"],
+        help="fifo first: the shares and the points are against its run",
+    )
     args = parser.parse_args()
 
     def spec(scheduler: str) -> dict[str, Any]:
@@ -45,10 +54,11 @@ def main() -> None:
 
     configs = len(args.betas) * len(args.epsilons)
     print(f"{configs} configurations x {args.epochs} epochs, digits small_cnn, TRADES, "
-          f"validation PGD-5 at epsilon 0.1; {platform.node()}, "
-          f"{datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
+          f"validation PGD-5 at epsilon 0.1; ASHA: grace period "
+          f"{asha_grace_period(args.epochs)}, reduction factor {ASHA_REDUCTION_FACTOR}; "
+          f"{platform.node()}, {datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
     with running_service() as api:
-        rows = [run(api, spec(scheduler)) for scheduler in ("fifo", "asha")]
+        rows = [run(api, spec(scheduler)) for scheduler in args.schedulers]
     grid_epochs, grid_best = rows[0][1], rows[0][2]
     print("scheduler | epochs trained | share of the grid's | best val robust acc | wall s")
     for scheduler, epochs, best, wall in rows:
