@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_eval_attack_steps: int = 1000
     max_restarts: int = 20
     max_cpus_per_worker: float = 64.0
+    # The most of any one custom Ray resource (resources.custom) a worker may reserve.
+    max_custom_resource_per_worker: float = 64.0
     max_request_bytes: int = 1_000_000
     # Checkpoint and model uploads have their own limit (WRN-34-10 is about 185 MB).
     max_upload_bytes: int = 1_000_000_000

@@ -66,11 +66,18 @@ def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
     return tuner.fit()
 
 
-def trial_resources(spec: JobSpec, *, use_gpu: bool) -> dict[str, float]:
-    """What a trial's own process reserves: the worker's CPUs (and GPU) when it trains itself
-    (one worker, Train's local mode), else only its memory (its Train workers reserve the rest)."""
+def trial_resources(spec: JobSpec, *, use_gpu: bool) -> dict[str, Any]:
+    """What a trial's own process reserves: the worker's CPUs, GPU and custom resources when it
+    trains itself (one worker, Train's local mode), which also puts it on a node that has them;
+    else only its memory (its Train workers reserve the rest, and go where those are)."""
+    resources = spec.resources
     if runs_locally(spec):
-        return {"cpu": spec.resources.cpus_per_worker, "gpu": 1 if use_gpu else 0}
+        return {
+            "cpu": resources.cpus_per_worker,
+            "gpu": 1 if use_gpu else 0,
+            # Tune's resource dict takes custom resources under this key.
+            "custom_resources": dict(resources.custom),
+        }
     return TRIAL_DRIVER_RESOURCES
 
 
