@@ -1,5 +1,6 @@
 """What the Ray tests share: an ``advorch serve`` process that can be killed and started again,
-small job specs, polling, and reading the processes a job runs in from /proc.
+worker nodes that join the session's head (and can be lost), small job specs, polling, and
+reading the processes a job runs in from /proc.
 
 The cluster and the services themselves are session fixtures in conftest.py: one Ray cluster
 serves every Ray test (started as ``advorch serve`` starts its own), and the services are real
