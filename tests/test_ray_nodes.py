@@ -19,6 +19,7 @@ Digits, small_cnn, 8 short epochs, 2-step attacks: CPU-sized.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ def worker_nodes(ray_head: LocalRayHead, ray_jobs: RayJobs) -> Iterator[WorkerNo
     finally:
         nodes.stop_all()
         wait_for("the worker nodes to leave", lambda: ray_jobs.alive_nodes() == 1, 90)
+        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 def node_training(nodes: list[WorkerNode]) -> WorkerNode | None:
