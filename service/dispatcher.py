@@ -7,7 +7,8 @@ Each round (every ``dispatch_interval_s``, from ``advorch serve``):
   job (:func:`next_job`: by priority, then fairly between users, then oldest first) is submitted
   as the Ray Job ``advorch-<job id>`` running ``python -m workers.entrypoint`` with the job's
   ``JobEnv`` (its id, the service's URL, its worker token, its spec, where checkpoints and data
-  are), then marked ``submitted``. The others wait, queued, for a later round.
+  are) and the variables ``ADVORCH_PASS_ENV`` names (S3 credentials), then marked
+  ``submitted``. The others wait, queued, for a later round.
 
 The Ray submission id is the job's, so a dispatcher that dies between submitting and marking
 starts nothing twice: the next round finds the Ray Job there and only marks the job.
@@ -95,7 +96,8 @@ def submit(session: Session, ray_jobs: RayJobs, settings: Settings, job: Job) ->
         data_dir=str(settings.resolved_data_dir.resolve()),
     )
     try:
-        ray_jobs.submit(submission_id, ENTRYPOINT, job_env.as_env_vars() | RAY_JOB_SETTINGS)
+        env_vars = settings.passed_env | job_env.as_env_vars() | RAY_JOB_SETTINGS
+        ray_jobs.submit(submission_id, ENTRYPOINT, env_vars)
     except RuntimeError as err:
         if "status code 4" not in str(err):
             raise

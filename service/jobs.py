@@ -199,6 +199,12 @@ def check_limits(spec: JobSpec, settings: Settings) -> None:
     for section_and_field, value, most, setting_name in other_limits:
         if value > most:
             raise field_error(section_and_field, _over_limit(most, setting_name), value)
+    for name, amount in spec.resources.custom.items():
+        if amount > settings.max_custom_resource_per_worker:
+            message = _over_limit(
+                settings.max_custom_resource_per_worker, "ADVORCH_MAX_CUSTOM_RESOURCE_PER_WORKER"
+            )
+            raise field_error(("resources", "custom", name), message, amount)
     if spec.num_trials() > settings.max_trials:
         message = f"expands to {spec.num_trials()} trials; " + _over_limit(
             settings.max_trials, "ADVORCH_MAX_TRIALS"

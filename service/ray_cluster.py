@@ -15,10 +15,12 @@ import contextlib
 import ctypes
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,6 +51,8 @@ class LocalRayHead:
     # Where auth_token is kept (the dashboard asks for it).
     token_file: Path
     log_file: Path
+    # Ray's own temp dir of this head (its session's logs and sockets), removed when it stops.
+    temp_dir: Path
 
     def stop(self) -> None:
         """Stop the cluster and every process of it; returns when they are gone."""
@@ -64,6 +68,7 @@ class LocalRayHead:
         # Anything of its process group still alive (it has a session of its own) goes too.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def start_local_head(settings: Settings) -> LocalRayHead:
@@ -75,6 +80,12 @@ def start_local_head(settings: Settings) -> LocalRayHead:
     token = _read_or_create_token(token_file)
     gcs_port, dashboard_port, client_port, agent_port = _free_ports(4)
     bin_dir = Path(sys.executable).parent
+    # A temp dir of its own, not Ray's shared /tmp/ray: Ray's job supervisor gives each job's
+    # driver the GCS address it reads from <temp dir>/ray_current_cluster, which the latest
+    # `ray start` on the machine writes. Sharing it, a head started later (another service, a
+    # test run) would get this cluster's jobs, which fail there (AuthenticationError). Short
+    # (mkdtemp in /tmp): Ray's socket paths below it must fit in 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="advorch-ray-"))
     command = [
         str(bin_dir / "ray"),
         "start",
@@ -85,6 +96,7 @@ def start_local_head(settings: Settings) -> LocalRayHead:
         f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={client_port}",
         f"--dashboard-agent-listen-port={agent_port}",
+        f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
     env = head_environment(token_file, bin_dir)
@@ -105,6 +117,7 @@ def start_local_head(settings: Settings) -> LocalRayHead:
         auth_token=token,
         token_file=token_file,
         log_file=log_file,
+        temp_dir=temp_dir,
     )
     try:
         _wait_for_jobs_api(head)

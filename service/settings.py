@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     # The service's artifact store: trials' best checkpoints and uploaded model files, a folder
     # or an fsspec URL (s3://bucket/prefix); None: home/artifacts
     artifacts: str | None = None
+    # Names of the service's own environment variables that every job's processes get too
+    # (comma-separated), on every node, through the Ray Job's runtime_env: what a worker needs
+    # to reach s3:// storage that the cluster's nodes are not set up for, e.g.
+    # AWS_ENDPOINT_URL,AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY. A name the service's
+    # environment lacks is left out. Never an ADVORCH_ setting (secrets of the service).
+    pass_env: str = ""
     # The CLI's own file (`advorch login` writes the service's URL and the user's token there);
     # None: $XDG_CONFIG_HOME/advorch/config.toml, or ~/.config/advorch/config.toml.
     config_file: Path | None = None
@@ -57,6 +63,8 @@ class Settings(BaseSettings):
     max_eval_attack_steps: int = 1000
     max_restarts: int = 20
     max_cpus_per_worker: float = 64.0
+    # The most of any one custom Ray resource (resources.custom) a worker may reserve.
+    max_custom_resource_per_worker: float = 64.0
     max_request_bytes: int = 1_000_000
     # Checkpoint and model uploads have their own limit (WRN-34-10 is about 185 MB).
     max_upload_bytes: int = 1_000_000_000
@@ -87,6 +95,20 @@ class Settings(BaseSettings):
     # SQLite only: NORMAL (the default; in WAL mode a power loss may lose the last commits,
     # never corrupt the file) or FULL (every commit waits for the disk: slower writes).
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+    @field_validator("pass_env")
+    @classmethod
+    def _no_advorch_settings(cls, value: str) -> str:
+        for name in value.split(","):
+            if name.strip().upper().startswith("ADVORCH_"):
+                raise ValueError(f"{name.strip()} is advorch's own setting: jobs never get one")
+        return value
+
+    @property
+    def passed_env(self) -> dict[str, str]:
+        """The variables ``pass_env`` names, with their values in this process's environment."""
+        names = [name.strip() for name in self.pass_env.split(",") if name.strip()]
+        return {name: os.environ[name] for name in names if name in os.environ}
 
     @property
     def resolved_database_url(self) -> str:

@@ -1,5 +1,6 @@
 """What the Ray tests share: an ``advorch serve`` process that can be killed and started again,
-small job specs, polling, and reading the processes a job runs in from /proc.
+worker nodes that join the session's head (and can be lost), small job specs, polling, and
+reading the processes a job runs in from /proc.
 
 The cluster and the services themselves are session fixtures in conftest.py: one Ray cluster
 serves every Ray test (started as ``advorch serve`` starts its own), and the services are real
@@ -9,6 +10,8 @@ service alone.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,11 +21,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from service.ray_cluster import LocalRayHead, RayJobs
+from service.ray_cluster import LocalRayHead, RayJobs, head_environment
 
 ADVORCH = str(Path(sys.executable).parent / "advorch")
 # Generous: two cores, shared with whatever else runs.
@@ -204,6 +207,66 @@ def _proc_stats() -> dict[int, tuple[str, int]]:
     return stats
 
 
+class RayNode(Protocol):
+    """A Ray node started here: the ``ray start --block`` process its processes descend from."""
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]: ...
+
+
+@dataclass
+class WorkerNode:
+    """A ``ray start --address ... --block`` process: a second node of the session's cluster,
+    on this machine, with a temp dir and custom resources of its own."""
+
+    process: subprocess.Popen[bytes]
+    log_file: Path
+
+    def kill(self) -> None:
+        """Lose the node as a machine is lost: SIGKILL to its raylet, agents and workers at once
+        (the process group its `ray start` leads), nothing told to drain."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """Stop it in order (SIGTERM: `ray start --block` stops what it started), then make
+        sure nothing of it is left."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(30)
+        self.kill()
+
+
+def start_worker_node(
+    head: LocalRayHead, temp_dir: Path, *, resources: dict[str, float], num_cpus: int = 1
+) -> WorkerNode:
+    """Join a worker node to ``head``'s cluster, as `ray start` on another machine would: the
+    head's token and environment (service.ray_cluster.head_environment: this Python and
+    advorch on PATH, the preloaded modules), free ports where Ray's defaults are fixed. Returns
+    once it started; the cluster shows it a few seconds later (RayJobs.alive_nodes)."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--block",
+        f"--address={head.gcs_address}",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(resources)}",
+        f"--dashboard-agent-listen-port={free_port()}",  # 52365 by default: one node's only
+        "--disable-usage-stats",
+    ]
+    env = head_environment(head.token_file, Path(sys.executable).parent)
+    log_file = temp_dir / "ray-start.log"
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return WorkerNode(process=process, log_file=log_file)
+
+
 def training_processes(head: LocalRayHead) -> list[str]:
     """The command lines of the processes on the cluster that train a job."""
     return [
@@ -213,9 +276,10 @@ def training_processes(head: LocalRayHead) -> list[str]:
     ]
 
 
-def pids_titled(head: LocalRayHead, title: str) -> list[int]:
-    """The cluster's processes whose command line holds ``title`` (e.g. ray::ImplicitFunc)."""
-    return [pid for pid, command in process_tree(head.process.pid).items() if title in command]
+def pids_titled(node: RayNode, title: str) -> list[int]:
+    """The processes of a Ray node started here (a LocalRayHead, a WorkerNode) whose command
+    line holds ``title`` (e.g. ray::ImplicitFunc)."""
+    return [pid for pid, command in process_tree(node.process.pid).items() if title in command]
 
 
 OPEN_TRIAL_STATUSES = {"pending", "running"}

@@ -1,6 +1,7 @@
 """What ``advorch serve`` sets up before anything runs, without a Ray cluster: the storage URI
-checks, the environment of the local Ray head, the banner, and where Tune's callbacks find the
-worker token. (tests/test_ray_jobs.py runs `advorch serve` with a real head.)"""
+checks, the environment of the local Ray head and of jobs (ADVORCH_PASS_ENV), the banner, and
+Tune's callbacks: where they find the worker token, and when they give up on a lost node.
+(tests/test_ray_jobs.py runs `advorch serve` with a real head, tests/test_ray_nodes.py nodes.)"""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from ray import cloudpickle
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune.experiment import Trial
 
 from service.ray_cluster import RayJobs, head_environment
 from service.serve import _banner
 from service.settings import Settings
 from service.storage import StorageMisconfigured, check_storage_uri, warn_if_local_on_a_cluster
 from workers.job_env import JobEnv
-from workers.sweep import ReportStoppedTrials
+from workers.sweep import FailWhereNoNodeFits, NodeLost, ReportStoppedTrials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,3 +210,55 @@ def test_tunes_saved_callbacks_hold_no_worker_token(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("ADVORCH_WORKER_TOKEN", "worker-token-now")
     restored.on_trial_complete(0, [], _Trial())  # type: ignore[arg-type]
     assert posted == [("worker-token-now", "trial_0001")]
+
+
+# --- ADVORCH_PASS_ENV ------------------------------------------------------------------------
+
+
+def test_jobs_get_the_variables_pass_env_names_and_never_advorch_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    settings = Settings(pass_env=" AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY,")
+    # A name the service's environment lacks is left out.
+    assert settings.passed_env == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    with pytest.raises(ValidationError, match="ADVORCH_SECRET_KEY is advorch's own setting"):
+        Settings(pass_env="AWS_ENDPOINT_URL,ADVORCH_SECRET_KEY")
+
+
+# --- a lost node -------------------------------------------------------------------------------
+
+
+class _PendingTrial:
+    """What FailWhereNoNodeFits reads of a Tune trial run again after a failure."""
+
+    status = Trial.PENDING
+    num_failures = 1
+    trial_id = "a1"
+    placement_group_factory = PlacementGroupFactory([{"CPU": 1, "GPU": 0, "second_node": 1}])
+
+    def __str__(self) -> str:
+        return "trial_0000"
+
+
+def test_a_retried_trial_no_live_node_can_hold_fails_after_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    head = {"Alive": True, "Resources": {"CPU": 2.0, "memory": 1e9}}
+    lost = {"Alive": False, "Resources": {"CPU": 1.0, "second_node": 1.0}}
+    monkeypatch.setattr("workers.sweep.ray.nodes", lambda: [head, lost])
+    trials: Any = [_PendingTrial()]
+
+    waiting = FailWhereNoNodeFits(wait_s=60)
+    waiting.on_step_begin(0, trials)  # within the wait: a node may join
+    with pytest.raises(NodeLost) as caught:
+        FailWhereNoNodeFits(wait_s=0).on_step_begin(0, trials)
+    assert caught.value.trials == {
+        "trial_0000": "its node was lost, and no live node has the resources to run it again "
+        "(CPU: 1, second_node: 1) after 0 s"
+    }
+    # A live node with the resource: the trial waits for Tune to place it there.
+    replacement = {"Alive": True, "Resources": {"CPU": 1.0, "second_node": 1.0}}
+    monkeypatch.setattr("workers.sweep.ray.nodes", lambda: [head, lost, replacement])
+    FailWhereNoNodeFits(wait_s=0).on_step_begin(0, trials)

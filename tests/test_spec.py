@@ -82,6 +82,18 @@ INVALID_SPECS: list[tuple[dict[str, Any], str]] = [
         {"sweep": grid_sweep(**{"training.ema.decay": [0.9, 1.5]})},
         "sweep.parameters.training.ema.decay",
     ),
+    # Ray custom resources (issue 9)
+    ({"resources": {"custom": {"second_node": 0}}}, "resources.custom.second_node"),
+    ({"resources": {"custom": {"second_node": -1}}}, "resources.custom.second_node"),
+    ({"resources": {"custom": {"second_node": "1"}}}, "resources.custom.second_node"),
+    ({"resources": {"custom": {"": 1}}}, "resources.custom."),
+    ({"resources": {"custom": {" ": 1}}}, "resources.custom. "),
+    ({"resources": {"custom": {"x" * 129: 1}}}, f"resources.custom.{'x' * 129}"),
+    ({"resources": {"custom": {"CPU": 1}}}, "resources.custom.CPU"),
+    ({"resources": {"custom": {"gpu": 1}}}, "resources.custom.gpu"),
+    ({"resources": {"custom": {"memory": 1e9}}}, "resources.custom.memory"),
+    ({"resources": {"custom": {f"r{i}": 1 for i in range(17)}}}, "resources.custom"),
+    ({"resources": {"custom": ["second_node"]}}, "resources.custom"),
 ]
 
 
@@ -291,6 +303,32 @@ def test_what_only_one_kind_of_job_takes_is_refused_naming_the_field(
     assert field in [".".join(map(str, error["loc"])) for error in caught.value.errors()]
 
 
+def test_custom_resources_reach_ray_where_the_training_runs() -> None:
+    """One worker: the trial's own process trains (Train's local mode), so Tune reserves the
+    custom resources for it; several: each Train worker reserves them, the trial's process
+    only its memory."""
+    from workers.sweep import TRIAL_DRIVER_RESOURCES, trial_resources
+    from workers.trial import scaling_config
+
+    custom = {"second_node": 0.5, "node:10.0.0.2": 0.01}
+    one = JobSpec.model_validate({"name": "one", "resources": {"custom": custom}})
+    assert trial_resources(one, use_gpu=False) == {
+        "cpu": 1.0,
+        "gpu": 0,
+        "custom_resources": custom,
+    }
+    assert scaling_config(one, use_gpu=False).num_workers == 0
+
+    resources = {"num_workers": 2, "cpus_per_worker": 0.5, "custom": custom}
+    two = JobSpec.model_validate({"name": "two", "resources": resources})
+    assert trial_resources(two, use_gpu=False) == TRIAL_DRIVER_RESOURCES
+    scaling = scaling_config(two, use_gpu=False)
+    assert scaling.num_workers == 2
+    assert scaling.resources_per_worker == {"CPU": 0.5, **custom}
+    # Stored and read back (the dispatcher hands workers the JSON), the mapping is the same.
+    assert JobSpec.model_validate_json(two.model_dump_json()).resources.custom == custom
+
+
 def test_normalisation_is_on_for_cifar10_and_off_elsewhere_unless_set() -> None:
     assert JobSpec(name="c", dataset={"name": "cifar10"}).model.normalize is True  # type: ignore[arg-type]
     assert JobSpec(name="d").model.normalize is False
@@ -336,6 +374,12 @@ OVER_LIMITS: list[tuple[Callable[[Settings], dict[str, Any]], str]] = [
         "evaluation.attack_steps",
     ),
     (lambda limits: {"evaluation": {"restarts": limits.max_restarts + 1}}, "evaluation.restarts"),
+    (
+        lambda limits: {
+            "resources": {"custom": {"tpu_v9": limits.max_custom_resource_per_worker + 1}}
+        },
+        "resources.custom.tpu_v9",
+    ),
     (
         lambda limits: {"sweep": grid_sweep(**{"training.epochs": [1, limits.max_epochs + 1]})},
         "sweep.parameters.training.epochs",

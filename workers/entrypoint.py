@@ -20,7 +20,7 @@ from workers.evaluation_job import run_evaluation_job
 from workers.job_env import JobEnv
 from workers.reporter import JobClosed, Reporter
 from workers.spec import JobSpec
-from workers.sweep import run_sweep
+from workers.sweep import NodeLost, run_sweep
 from workers.trial import failure_message
 
 log = logging.getLogger("advorch.entrypoint")
@@ -60,7 +60,18 @@ def run_job(env: JobEnv, reporter: Reporter) -> int:
     reporter.job_event(
         "running", reason=f"a Tune sweep of {spec.num_trials()} trial(s) started on Ray ({device})"
     )
-    results = run_sweep(spec, env, use_gpu=use_gpu)
+    try:
+        results = run_sweep(spec, env, use_gpu=use_gpu)
+    except NodeLost as err:
+        # The sweep ended without them: each says why; the job's end ends any other trial.
+        for key, why in err.trials.items():
+            reporter.trial(key, config={}, status="failed", error=why)
+        reporter.job_event(
+            "failed",
+            reason=f"{len(err.trials)} trial(s) lost their node, and no live node can run them",
+            error=str(err),
+        )
+        return 1
     trials = [results[i] for i in range(len(results))]
     failures = []
     for trial in trials:

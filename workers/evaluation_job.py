@@ -39,6 +39,7 @@ def run_evaluation_job(spec: JobSpec, *, use_gpu: bool) -> None:
     task = evaluate_source.options(
         num_cpus=spec.resources.cpus_per_worker,
         num_gpus=1 if use_gpu else 0,
+        resources=spec.resources.custom,
         max_retries=MAX_TASK_RETRIES,
     )
     ray.get(task.remote(spec.submitted()))

@@ -61,6 +61,12 @@ SEED_PATH = "training.seed"
 ARCH_PATH = "model.arch"
 # The most epsilons one evaluate job attacks at.
 MAX_CURVE_POINTS = 32
+# Custom Ray resources a spec may ask for, and how long their names may be.
+MAX_CUSTOM_RESOURCES = 16
+MAX_RESOURCE_NAME_LENGTH = 128
+# The resources Ray itself defines (lower case): the spec asks for CPUs and GPUs by their own
+# fields, and Tune reads "cpu", "gpu" and "memory" of a resource dict as these.
+RAY_BUILTIN_RESOURCES = frozenset({"cpu", "gpu", "memory", "object_store_memory"})
 
 # Strict types, but a whole number is accepted where a float is expected (YAML writes 1 for 1.0).
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -311,6 +317,25 @@ class ResourcesSpec(StrictModel):
     num_workers: Annotated[int, Field(ge=1)] = 1
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
+    # Ray custom resources each worker reserves, name -> amount ({"second_node": 1}): what
+    # pins trials to the nodes that declare them (`ray start --resources`). A trial's process
+    # reserves them when it trains itself (one worker), each Train worker otherwise.
+    custom: dict[str, float] = Field(default_factory=dict, max_length=MAX_CUSTOM_RESOURCES)
+
+    @model_validator(mode="after")
+    def _check_custom(self) -> ResourcesSpec:
+        for name, amount in self.custom.items():
+            loc = ("custom", name)
+            if not name.strip() or len(name) > MAX_RESOURCE_NAME_LENGTH:
+                message = f"a resource name is 1-{MAX_RESOURCE_NAME_LENGTH} characters, not blank"
+                raise field_error(loc, message, name)
+            if name.lower() in RAY_BUILTIN_RESOURCES:
+                # Ray's own resources have their own fields; here they would reserve twice.
+                message = f"{name!r} is Ray's own resource: use cpus_per_worker or use_gpu"
+                raise field_error(loc, message, name)
+            if not (amount > 0 and math.isfinite(amount)):
+                raise field_error(loc, "the amount must be a number > 0", amount)
+        return self
 
 
 # The sections only a training job has; an evaluate job that gives one is refused.

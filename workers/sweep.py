@@ -15,10 +15,12 @@ Search and scheduler maximise the sweep's metric per epoch on the validation spl
 
 from __future__ import annotations
 
+import time
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -42,10 +44,15 @@ TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 512 * 2**20}
 # How often Tune runs a trial again, from its last checkpoint, after it failed: its process or
 # node was lost (an error of the training itself fails again).
 MAX_TRIAL_FAILURES = 1
+# How long a trial to be run again waits for a live node with the resources it asks for (a
+# custom resource only a lost node had), before the sweep fails it rather than wait forever
+# (Tune only warns). A node that rejoins within this, or a cluster that has one, runs it.
+NODE_WAIT_S = 20.0
 
 
 def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
-    """Run every trial of the job; returns Tune's results (one per trial, errors included)."""
+    """Run every trial of the job; returns Tune's results (one per trial, errors included).
+    Raises NodeLost when a trial lost its node and no live node can run it again."""
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, use_gpu=use_gpu), trial_resources(spec, use_gpu=use_gpu)
     )
@@ -60,17 +67,24 @@ def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
             storage_filesystem=storage_filesystem,
             failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[ReportStoppedTrials(epochs=spec.training.epochs)],
+            callbacks=[ReportStoppedTrials(epochs=spec.training.epochs), FailWhereNoNodeFits()],
         ),
     )
     return tuner.fit()
 
 
-def trial_resources(spec: JobSpec, *, use_gpu: bool) -> dict[str, float]:
-    """What a trial's own process reserves: the worker's CPUs (and GPU) when it trains itself
-    (one worker, Train's local mode), else only its memory (its Train workers reserve the rest)."""
+def trial_resources(spec: JobSpec, *, use_gpu: bool) -> dict[str, Any]:
+    """What a trial's own process reserves: the worker's CPUs, GPU and custom resources when it
+    trains itself (one worker, Train's local mode), which also puts it on a node that has them;
+    else only its memory (its Train workers reserve the rest, and go where those are)."""
+    resources = spec.resources
     if runs_locally(spec):
-        return {"cpu": spec.resources.cpus_per_worker, "gpu": 1 if use_gpu else 0}
+        return {
+            "cpu": resources.cpus_per_worker,
+            "gpu": 1 if use_gpu else 0,
+            # Tune's resource dict takes custom resources under this key.
+            "custom_resources": dict(resources.custom),
+        }
     return TRIAL_DRIVER_RESOURCES
 
 
@@ -188,3 +202,55 @@ class ReportStoppedTrials(tune.Callback):
                     status="stopped",
                     reason=f"stopped early by ASHA after epoch {last_epoch} of {self.epochs}",
                 )
+
+
+class NodeLost(RuntimeError):
+    """Trials that lost their node, which no live node has the resources to run again."""
+
+    def __init__(self, trials: dict[str, str]) -> None:
+        # trial key -> why
+        self.trials = trials
+        super().__init__("; ".join(f"{key}: {why}" for key, why in trials.items()))
+
+
+class FailWhereNoNodeFits(tune.Callback):
+    """Ends the sweep with NodeLost when a trial that failed (its node was lost) waits to run
+    again and, for ``wait_s``, no live node has the resources it asks for: a custom resource
+    (``resources.custom``) that only the lost node declared. Tune itself would wait for one
+    forever, with the job running and the trial shown running."""
+
+    def __init__(self, wait_s: float = NODE_WAIT_S) -> None:
+        self.wait_s = wait_s
+        # trial id -> since when (monotonic) it fits no live node
+        self._stranded_since: dict[str, float] = {}
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        # A trial Tune runs again after a failure is pending with its failure counted.
+        retried = [t for t in trials if t.status == Trial.PENDING and t.num_failures > 0]
+        if not retried:
+            self._stranded_since.clear()
+            return
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        now = time.monotonic()
+        lost: dict[str, str] = {}
+        for trial in retried:
+            factory = trial.placement_group_factory
+            bundles: list[dict[str, float]] = factory.bundles if factory is not None else []
+            unplaceable = [bundle for bundle in bundles if not _fits(bundle, nodes)]
+            if not unplaceable:
+                self._stranded_since.pop(trial.trial_id, None)
+                continue
+            since = self._stranded_since.setdefault(trial.trial_id, now)
+            if now - since >= self.wait_s:
+                wanted = ", ".join(f"{k}: {v:g}" for k, v in unplaceable[0].items() if v > 0)
+                lost[str(trial)] = (  # the trial's name: its key (TrialKey)
+                    "its node was lost, and no live node has the resources to run it again "
+                    f"({wanted}) after {self.wait_s:.0f} s"
+                )
+        if lost:
+            raise NodeLost(lost)
+
+
+def _fits(bundle: dict[str, float], nodes: list[dict[str, float]]) -> bool:
+    """Whether some node's total resources hold the whole bundle."""
+    return any(all(node.get(k, 0) >= v for k, v in bundle.items() if v > 0) for node in nodes)

@@ -74,7 +74,6 @@ def run_trial(config: dict[str, Any], *, use_gpu: bool) -> None:
         overrides["training.seed"] = seed
     spec = job_spec.trial_spec(overrides)
     local = runs_locally(spec)
-    resources = spec.resources
     storage_path, storage_filesystem = env.ray_storage()
     trainer = TorchTrainer(
         train_worker,
@@ -85,11 +84,7 @@ def run_trial(config: dict[str, Any], *, use_gpu: bool) -> None:
             "local": local,
             "use_gpu": use_gpu,
         },
-        scaling_config=ScalingConfig(
-            num_workers=0 if local else resources.num_workers,
-            use_gpu=use_gpu and not local,
-            resources_per_worker=None if local else {"CPU": resources.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(spec, use_gpu=use_gpu),
         run_config=RunConfig(
             name=f"{env.job_id}-{trial_key}",
             storage_path=storage_path,
@@ -104,6 +99,20 @@ def run_trial(config: dict[str, Any], *, use_gpu: bool) -> None:
     with closing(Reporter.for_job(env)) as reporter:
         reporter.trial(trial_key, config=overrides, status="running")
     trainer.fit()
+
+
+def scaling_config(spec: JobSpec, *, use_gpu: bool) -> ScalingConfig:
+    """The trial's Train workers: none in local mode (the trial's own process trains, with the
+    resources Tune reserved for it: workers.sweep.trial_resources), else ``num_workers`` of
+    ``cpus_per_worker`` CPUs and the spec's custom resources each."""
+    resources = spec.resources
+    if runs_locally(spec):
+        return ScalingConfig(num_workers=0, use_gpu=False)
+    return ScalingConfig(
+        num_workers=resources.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": resources.cpus_per_worker, **resources.custom},
+    )
 
 
 def runs_locally(spec: JobSpec) -> bool:
