@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.models import Job, Trial, TrialStatus
-from workers.spec import SEED_PATH
+from workers.spec import SEED_PATH, JobSpec
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,14 @@ class TradeoffPoint:
     on_front: bool
 
 
+# The evaluation of a spec that says nothing of it: what JobSpec resolves by default.
+DEFAULT_EVALUATION: dict[str, Any] = JobSpec(name="default").model_dump(mode="json")["evaluation"]
+
+
 def robust_axis(job: Job) -> RobustAxis:
-    evaluation = job.spec["evaluation"]
+    # A spec stored by an older version may lack the section or some of its fields (the jobs of
+    # migration 0001 kept whatever was posted): those read as their defaults.
+    evaluation = DEFAULT_EVALUATION | (job.spec.get("evaluation") or {})
     epsilon = float(evaluation["epsilon"])
     if evaluation.get("autoattack"):
         return RobustAxis("autoattack_acc", "AutoAttack (standard)", epsilon)
