@@ -35,8 +35,6 @@ from service.settings import Settings
 T = TypeVar("T")
 
 HEAD_START_TIMEOUT_S = 90.0
-# What every Ray worker process of a cluster runs advorch's trials in imports first.
-PRELOADED_MODULES = "torch,workers.trial"
 HEAD_STOP_TIMEOUT_S = 30.0
 
 
@@ -143,9 +141,9 @@ def head_environment(
         # On SIGTERM a head first waits up to 30 s for its node to drain (for Ray Serve);
         # when the service stops, nothing of this cluster is left to drain for.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-        # Ray's worker processes import torch and the trial's code as they start, before a
-        # trial asks for one, so that a trial's process is ready sooner.
-        "RAY_preload_python_modules": PRELOADED_MODULES,
+        # Not RAY_preload_python_modules=torch: on 2 cores the idle workers' imports slowed the
+        # first trial (POST -> first epoch 11.5-12.9 s with it, 8.9-9.3 s without), and the
+        # trials after it reuse their process anyway (docs/benchmarks.md, "Ray jobs").
         # Job entrypoints run `python -m workers.entrypoint`: this Python, with advorch in it.
         "PATH": f"{bin_dir}{os.pathsep}{environ.get('PATH', '')}",
     }

@@ -244,7 +244,7 @@ def start_worker_node(
 ) -> WorkerNode:
     """Join a worker node to ``head``'s cluster, as `ray start` on another machine would: the
     head's token and environment (service.ray_cluster.head_environment: this Python and
-    advorch on PATH, the preloaded modules), free ports where Ray's defaults are fixed. Returns
+    advorch on PATH), free ports where Ray's defaults are fixed. Returns
     once it started; the cluster shows it a few seconds later (RayJobs.alive_nodes)."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     command = [
