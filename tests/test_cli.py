@@ -5,8 +5,10 @@ through the internal routes (the Ray tests run the real ones)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import threading
 import time
 import tomllib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -396,3 +399,82 @@ def test_an_admin_manages_users_from_the_cli(advorch: Advorch, api: httpx.Client
 
     audit = advorch("audit", "--action", "user.disable").stdout
     assert name in audit and "user.disable" in audit
+
+
+@contextmanager
+def one_answer_server(answer: bytes) -> Iterator[str]:
+    """An HTTP server that gives every request ``answer``, as raw bytes, then hangs up: how a
+    download breaks off or arrives damaged (a network edge the real service cannot be made to
+    fail at on demand). Yields its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
+
+
+def checkpoint_answer(body: bytes, *, length: int, sha256_of: bytes) -> bytes:
+    headers = (
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {length}\r\nX-Content-SHA256: {hashlib.sha256(sha256_of).hexdigest()}"
+        "\r\nConnection: close\r\n\r\n"
+    )
+    return headers.encode() + body
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (
+            checkpoint_answer(b"w" * 100, length=1000, sha256_of=b"w" * 1000),
+            "error: the download of job-1/trial_0000 broke off: ",
+        ),
+        (
+            checkpoint_answer(b"w" * 100, length=100, sha256_of=b"v" * 100),
+            "error: the checkpoint arrived damaged (SHA-256 ",
+        ),
+    ],
+    ids=["cut-off", "damaged"],
+)
+def test_a_broken_checkpoint_download_leaves_no_file_and_says_why_in_one_line(
+    answer: bytes, says: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "out" / "best.pt"
+    output.parent.mkdir()
+    output.write_bytes(b"the checkpoint downloaded before")
+    with one_answer_server(answer) as url:
+        env = {
+            **os.environ,
+            "ADVORCH_HOME": str(tmp_path / "home"),
+            "ADVORCH_PUBLIC_URL": url,
+            "ADVORCH_API_TOKEN": "a-token",
+            "ADVORCH_CONFIG_FILE": str(tmp_path / "advorch.toml"),
+            "COLUMNS": "300",
+        }
+        command = [sys.executable, "-c", "from service.cli import main; main()"]
+        result = subprocess.run(
+            [*command, "checkpoint", "job-1", "trial_0000", "-o", str(output)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1, result.stderr
+    # Neither a truncated file nor the draft it was written to; what was there is kept.
+    assert [p.name for p in output.parent.iterdir()] == ["best.pt"]
+    assert output.read_bytes() == b"the checkpoint downloaded before"
