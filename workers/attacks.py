@@ -67,12 +67,19 @@ def pgd_linf(
     restarts never make the attack weaker.
     """
     x, y = x.detach(), y.detach()
+
+    def run() -> torch.Tensor:
+        start = _pgd_start(x, epsilon, random_start)
+        return _cross_entropy_ascent(
+            model, x, y, start, epsilon=epsilon, step_size=step_size, steps=steps
+        )
+
     with frozen(model, attack_bn):
-        x_best = _pgd_run(model, x, y, epsilon, step_size, steps, random_start)
+        x_best = run()
         if restarts > 1:
             fooled = _misclassified(model, x_best, y)
             for _ in range(restarts - 1):
-                x_adv = _pgd_run(model, x, y, epsilon, step_size, steps, random_start)
+                x_adv = run()
                 newly_fooled = _misclassified(model, x_adv, y) & ~fooled
                 x_best = torch.where(_per_example(newly_fooled, x), x_adv, x_best)
                 fooled |= newly_fooled
@@ -150,30 +157,29 @@ def mart_attack(
     x, y = x.detach(), y.detach()
     with frozen(model, attack_bn):
         start = _project(x + TRADES_START_STD * torch.randn_like(x), x, epsilon)
-        return _signed_ascent(
-            model,
-            lambda logits: F.cross_entropy(logits, y, reduction="sum"),
-            x,
-            start,
-            epsilon=epsilon,
-            step_size=step_size,
-            steps=steps,
+        return _cross_entropy_ascent(
+            model, x, y, start, epsilon=epsilon, step_size=step_size, steps=steps
         )
 
 
-def _pgd_run(
+def _pgd_start(x: torch.Tensor, epsilon: float, random_start: bool) -> torch.Tensor:
+    """PGD-AT's start: uniform in the ball (clipped to [0, 1]), or ``x`` itself."""
+    if random_start:
+        return _project(x + torch.empty_like(x).uniform_(-epsilon, epsilon), x, epsilon)
+    return x.clone()
+
+
+def _cross_entropy_ascent(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    start: torch.Tensor,
+    *,
     epsilon: float,
     step_size: float,
     steps: int,
-    random_start: bool,
 ) -> torch.Tensor:
-    if random_start:
-        start = _project(x + torch.empty_like(x).uniform_(-epsilon, epsilon), x, epsilon)
-    else:
-        start = x.clone()
+    """The ascent of PGD-AT's and MART's attacks, from ``start``: the summed cross-entropy."""
     return _signed_ascent(
         model,
         lambda logits: F.cross_entropy(logits, y, reduction="sum"),
