@@ -30,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.orm import InstrumentedAttribute, Session, joinedload, selectinload
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql.dml import ReturningInsert
 
@@ -246,16 +246,19 @@ class JobStamp(NamedTuple):
         return cls(job.version, len(job.trials), sum(trial.version for trial in job.trials))
 
 
+def _with_stamps(column: InstrumentedAttribute[Any]) -> Select[tuple[Any, int, int, int]]:
+    """``column`` of each job, then its :class:`JobStamp` as SQL computes it (what
+    :meth:`JobStamp.of` computes from loaded rows): its version, its trials' count and the sum
+    of their versions. Group by the job's columns."""
+    return select(
+        column, Job.version, func.count(Trial.id), func.coalesce(func.sum(Trial.version), 0)
+    ).outerjoin(Trial, Trial.job_id == Job.id)
+
+
 def job_stamp(session: Session, job_id: str) -> tuple[int, JobStamp] | None:
     """The job's owner and its :class:`JobStamp`, in one small query (None: no such job)."""
     query = (
-        select(
-            Job.owner_id,
-            Job.version,
-            func.count(Trial.id),
-            func.coalesce(func.sum(Trial.version), 0),
-        )
-        .outerjoin(Trial, Trial.job_id == Job.id)
+        _with_stamps(Job.owner_id)
         .where(Job.id == job_id)
         .group_by(Job.id, Job.owner_id, Job.version)
     )
@@ -306,13 +309,7 @@ def list_job_stamps(
         filters.append(Job.owner_id == owner_id)
     total = session.scalar(select(func.count()).select_from(Job).where(*filters)) or 0
     page = (
-        select(
-            Job.id,
-            Job.version,
-            func.count(Trial.id),
-            func.coalesce(func.sum(Trial.version), 0),
-        )
-        .outerjoin(Trial, Trial.job_id == Job.id)
+        _with_stamps(Job.id)
         .where(*filters)
         .group_by(Job.id, Job.version, Job.created_at)
         .order_by(Job.created_at.desc(), Job.id.desc())
