@@ -226,6 +226,7 @@ class EpochMetricsPublic(BaseModel):
     )
     epoch_seconds: float | None
     images_per_second: float | None
+    created_at: datetime = Field(description="When the epoch was first posted (UTC).")
 
 
 class TradeoffPublic(BaseModel):

@@ -1,12 +1,15 @@
-"""Does ASHA pay? The same beta x epsilon grid run to the end (FIFO) and under ASHA, through a
-real ``advorch serve``: the epochs each trains and the best validation robust accuracy each
-finds, the number the job's best trial is chosen by.
+"""Does stopping trials early pay? The same beta x epsilon grid run to the end (FIFO), under
+ASHA and under synchronous successive halving, through a real ``advorch serve``: the epochs
+each trains and the best validation robust accuracy each finds, the number the job's best
+trial is chosen by. Each trial's validation robust accuracy per epoch is printed too.
 
     python bench/asha.py                         # 3 betas x 3 epsilons, 8 epochs, digits
     python bench/asha.py --epochs 12 --betas 1 3 6 --epsilons 0.05 0.1
+    python bench/asha.py --schedulers fifo halving
 
-ASHA runs with the settings ``scheduler: asha`` gives users (``workers.sweep``). Target
-(issue 10): ASHA's best within 1 point of the grid's for at most 40% of its epochs.
+Each scheduler runs with the settings ``scheduler: asha`` / ``halving`` give users
+(``workers.sweep``, ``workers.halving``). Target (issue 10): a best within 1 point of the
+grid's for at most 40% of its epochs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import httpx
 from live_service import epochs_of, finished, running_service, submit, wait
 
+from workers.halving import HALVING_REDUCTION_FACTOR, halving_rungs
 from workers.sweep import ASHA_REDUCTION_FACTOR, asha_grace_period
 
 
@@ -32,8 +36,8 @@ def main() -> None:
     parser.add_argument(
         "--schedulers",
         nargs="+",
-        choices=["fifo", "asha"],
-        default=["fifo", "asha"],
+        choices=["fifo", "asha", "halving"],
+        default=["fifo", "asha", "halving"],
         help="fifo first: the shares and the points are against its run",
     )
     args = parser.parse_args()
@@ -56,6 +60,8 @@ def main() -> None:
     print(f"{configs} configurations x {args.epochs} epochs, digits small_cnn, TRADES, "
           f"validation PGD-5 at epsilon 0.1; ASHA: grace period "
           f"{asha_grace_period(args.epochs)}, reduction factor {ASHA_REDUCTION_FACTOR}; "
+          f"halving: rungs at epochs {halving_rungs(args.epochs)}, the best 1 in "
+          f"{HALVING_REDUCTION_FACTOR} going on; "
           f"{platform.node()}, {datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
     with running_service() as api:
         rows = [run(api, spec(scheduler)) for scheduler in args.schedulers]
@@ -79,7 +85,8 @@ def run(api: httpx.Client, spec: dict[str, Any]) -> tuple[str, int, float, float
         best = max([best, *(m["val_robust_acc"] for m in metrics)])
         print(f"  {spec['sweep']['scheduler']} {trial['key']} {trial['config']}: "
               f"{trial['status']} after {len(metrics)} epochs, best val robust "
-              f"{max(m['val_robust_acc'] for m in metrics):.1%}")  # fmt: skip
+              f"{max(m['val_robust_acc'] for m in metrics):.1%}; per epoch "
+              f"{' '.join(format(m['val_robust_acc'], '.3f') for m in metrics)}")  # fmt: skip
     return spec["sweep"]["scheduler"], epochs, best, wall
 
 

@@ -89,7 +89,7 @@ TRIAL_FINISHED: frozenset[TrialStatus] = frozenset(
 # What a trial that ended otherwise than succeeded says when its report gave no reason.
 DEFAULT_TRIAL_REASONS: dict[TrialStatus, str] = {
     TrialStatus.FAILED: "the trial failed",
-    TrialStatus.STOPPED: "stopped early by the scheduler (ASHA)",
+    TrialStatus.STOPPED: "stopped early by the scheduler",
     TrialStatus.CANCELLED: "cancelled with its job",
 }
 

@@ -45,7 +45,7 @@ class TrialStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-    STOPPED = "stopped"  # ended early by the scheduler (ASHA)
+    STOPPED = "stopped"  # ended early by the scheduler (ASHA, successive halving)
     CANCELLED = "cancelled"  # cut short when its job was cancelled
 
 

@@ -1,19 +1,21 @@
 """Jobs run on a real local Ray cluster, end to end through REST, every way a job can end: a
 TRADES sweep to its results, a lost Train worker or trial process resumed from its checkpoint,
-ASHA stopping a trial, a cancel, a training error, the service killed mid-sweep, Ray outcomes
-the reconciler finds, and `advorch serve` starting and stopping a Ray head of its own. After
-each, the invariant of an ended job holds on the API's view: no trial left running, and every
-trial that did not succeed says why.
+ASHA and successive halving stopping trials, a cancel, a training error, the service killed
+mid-sweep, Ray outcomes the reconciler finds, and `advorch serve` starting and stopping a Ray
+head of its own. After each, the invariant of an ended job holds on the API's view: no trial
+left running, and every trial that did not succeed says why.
 
 Digits, small_cnn, a few epochs and attack steps: CPU-sized.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -222,6 +224,45 @@ def test_an_optuna_search_under_asha_stops_the_weak_trial_early(ray_api: httpx.C
     assert epochs[6.0] == [1, 2]
     # Stopped at epoch 1's result; its process may have posted epoch 2 before it was killed.
     assert epochs[0.0][0] == 1
+
+
+def test_successive_halving_waits_for_every_trial_at_a_rung_and_resumes_the_best(
+    service: Service, ray_api: httpx.Client
+) -> None:
+    # 4 epochs: rungs after epochs 1 and 2 (workers.halving.halving_rungs). One trial at a
+    # time: beta 6 and then beta 1 train to epoch 1 and wait there, paused, for beta 0; then
+    # the best of the three at epoch 1 (one in three goes on) resumes, is alone at epoch 2, and
+    # trains to the end. Beta 0 trains for no robustness: it is never the best.
+    sweep = {**beta_sweep(6.0, 1.0, 0.0), "scheduler": "halving", "max_concurrent_trials": 1}
+    job_id = submit(ray_api, trades_spec("halving", epochs=4, sweep=sweep))
+
+    job = wait_until_finished(ray_api, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    trials = {t["config"]["training.beta"]: t for t in assert_every_trial_ended(ray_api, job_id)}
+    metrics = {
+        beta: get(ray_api, f"/v1/jobs/{job_id}/trials/{t['key']}/metrics")
+        for beta, t in trials.items()
+    }
+    at_rung = {beta: rows[0]["val_robust_acc"] for beta, rows in metrics.items()}
+    best = max(at_rung, key=lambda beta: at_rung[beta])
+    assert best != 0.0, at_rung
+    assert trials[best]["status"] == "succeeded" and trials[best]["robust_acc"] is not None
+    assert [row["epoch"] for row in metrics[best]] == [1, 2, 3, 4]
+    for beta in at_rung.keys() - {best}:
+        assert trials[beta]["status"] == "stopped" and trials[beta]["robust_acc"] is None
+        assert trials[beta]["reason"] == "stopped early by successive halving after epoch 1 of 4"
+        assert [row["epoch"] for row in metrics[beta]] == [1]
+    # Synchronous: the best went on only once every trial had reached the rung.
+    posted = {
+        beta: [datetime.fromisoformat(row["created_at"]) for row in rows]
+        for beta, rows in metrics.items()
+    }
+    assert posted[best][1] > max(times[0] for times in posted.values())
+    # It resumed from its checkpoint at the rung: Tune's record of what it trained has each
+    # epoch once (a restart from scratch would train epoch 1 again).
+    (record,) = service.home.glob(f"**/{job_id}-sweep/{trials[best]['key']}/result.json")
+    trained = [json.loads(line)["epoch"] for line in record.read_text().splitlines()]
+    assert trained == [1, 2, 3, 4]
 
 
 def test_cancel_after_the_first_metric_ends_every_trial_and_stops_the_training(

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
+from workers.halving import halving_rungs
 from workers.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -94,6 +95,17 @@ INVALID_SPECS: list[tuple[dict[str, Any], str]] = [
     ({"resources": {"custom": {"memory": 1e9}}}, "resources.custom.memory"),
     ({"resources": {"custom": {f"r{i}": 1 for i in range(17)}}}, "resources.custom"),
     ({"resources": {"custom": ["second_node"]}}, "resources.custom"),
+    # Successive halving compares every trial at a rung: Optuna makes them one by one.
+    (
+        {
+            "sweep": {
+                "parameters": {"training.beta": {"choice": [1.0, 6.0]}},
+                "search": "optuna",
+                "scheduler": "halving",
+            }
+        },
+        "sweep.scheduler",
+    ),
 ]
 
 
@@ -435,3 +447,13 @@ def test_api_refuses_a_body_that_is_not_json(api: httpx.Client) -> None:
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert_invalid(response, "body")
+
+
+@pytest.mark.parametrize(
+    ("epochs", "rungs"),
+    [(1, ()), (2, (1,)), (3, (1,)), (4, (1, 2)), (8, (2, 4)), (12, (3, 6)), (30, (7, 15))],
+)
+def test_halving_compares_trials_after_a_quarter_and_a_half_of_the_epochs(
+    epochs: int, rungs: tuple[int, ...]
+) -> None:
+    assert halving_rungs(epochs) == rungs

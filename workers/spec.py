@@ -289,7 +289,8 @@ class SweepSpec(StrictModel):
     # Repeats of the grid (grid search) or samples drawn (random, optuna); each repeat trains
     # with its own seed: training.seed plus the repeat's index.
     num_samples: Annotated[int, Field(ge=1)] = 1
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    # fifo: every trial to its end; asha and halving stop weak trials early (workers.sweep).
+    scheduler: Literal["fifo", "asha", "halving"] = "fifo"
     metric: Literal["robust_acc", "clean_acc"] = "robust_acc"
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
 
@@ -301,6 +302,10 @@ class SweepSpec(StrictModel):
                 raise field_error(loc, "a sweep parameter must name a training field", path)
             if self.search == "optuna" and space.grid is not None:
                 raise field_error(loc, "optuna search samples; use choice instead of grid", path)
+        if self.scheduler == "halving" and self.search == "optuna":
+            # Optuna proposes each trial from the results so far; a rung waits for every trial.
+            message = "halving compares every trial at each rung: use grid or random search"
+            raise field_error(("scheduler",), message, self.scheduler)
         return self
 
     def num_trials(self) -> int:

@@ -6,8 +6,9 @@ a ``Tuner`` over ``workers.trial.run_trial``.
                   repeats of a grid are a grid over the seed, training.seed plus the repeat's
                   index, so that they are repeats and not the same run again
     optuna        Optuna's TPE sampler proposes each trial from the results so far
-    fifo, asha    the scheduler: run every trial to the end, or stop weak ones early (ASHA,
-                  by epoch)
+    fifo, asha,   the scheduler: run every trial to the end, or stop weak ones early by
+    halving       epoch, each as it reaches a rung (ASHA) or once every trial has reached it
+                  (synchronous successive halving: workers.halving)
 
 Search and scheduler maximise the sweep's metric per epoch on the validation split
 (``val_robust_acc`` for ``robust_acc``); the test split is for the trials' final numbers only.
@@ -32,6 +33,7 @@ from ray.tune.search import (
 )
 from ray.tune.search.optuna import OptunaSearch
 
+from workers.halving import HalvingVariantGenerator, SuccessiveHalving, halving_rungs
 from workers.job_env import JobEnv
 from workers.reporter import Reporter
 from workers.spec import SEED_PATH, JobSpec, ParameterSpace, SweepSpec
@@ -67,7 +69,10 @@ def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
             storage_filesystem=storage_filesystem,
             failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[ReportStoppedTrials(epochs=spec.training.epochs), FailWhereNoNodeFits()],
+            callbacks=[
+                ReportStoppedTrials(epochs=spec.training.epochs, by=_scheduler_name(spec.sweep)),
+                FailWhereNoNodeFits(),
+            ],
         ),
     )
     return tuner.fit()
@@ -119,11 +124,12 @@ def tune_config(spec: JobSpec) -> tune.TuneConfig:
         return tune.TuneConfig(trial_name_creator=key, trial_dirname_creator=key, reuse_actors=True)
     # Tune's variant generator numbers its trials from 0, its searchers (Optuna) from 1.
     key = TrialKey(first_number=1 if sweep.search == "optuna" else 0)
+    scheduler = _scheduler(sweep, epochs=spec.training.epochs)
     return tune.TuneConfig(
         metric=f"val_{sweep.metric}",
         mode="max",
-        search_alg=_search_algorithm(sweep, seed=spec.training.seed),
-        scheduler=_scheduler(sweep, epochs=spec.training.epochs),
+        search_alg=_search_algorithm(sweep, seed=spec.training.seed, scheduler=scheduler),
+        scheduler=scheduler,
         num_samples=1 if sweep.repeats_by_seed() else sweep.num_samples,
         trial_name_creator=key,
         trial_dirname_creator=key,
@@ -133,9 +139,12 @@ def tune_config(spec: JobSpec) -> tune.TuneConfig:
     )
 
 
-def _search_algorithm(sweep: SweepSpec, *, seed: int) -> SearchAlgorithm:
+def _search_algorithm(sweep: SweepSpec, *, seed: int, scheduler: TrialScheduler) -> SearchAlgorithm:
     """The search, limited to ``max_concurrent_trials`` trials at once. (Tune ignores
-    TuneConfig's limit when it is given a search algorithm, so the limit is set here.)"""
+    TuneConfig's limit when it is given a search algorithm, so the limit is set here; under
+    successive halving, the scheduler keeps it, not counting trials paused at a rung.)"""
+    if isinstance(scheduler, SuccessiveHalving):
+        return HalvingVariantGenerator(scheduler, random_state=seed)
     if sweep.search == "optuna":
         return SearchGenerator(
             ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=sweep.max_concurrent_trials)
@@ -152,6 +161,12 @@ def asha_grace_period(epochs: int) -> int:
 
 
 def _scheduler(sweep: SweepSpec, *, epochs: int) -> TrialScheduler:
+    if sweep.scheduler == "halving":
+        return SuccessiveHalving(
+            rungs=halving_rungs(epochs),
+            num_trials=sweep.num_trials(),
+            max_concurrent=sweep.max_concurrent_trials,
+        )
     if sweep.scheduler == "asha":
         # One past the last epoch: ASHA stops a trial that reaches max_t, and a trial that
         # trained to its end must still be evaluated on the test split after its last report.
@@ -165,6 +180,11 @@ def _scheduler(sweep: SweepSpec, *, epochs: int) -> TrialScheduler:
             reduction_factor=ASHA_REDUCTION_FACTOR,
         )
     return FIFOScheduler()
+
+
+def _scheduler_name(sweep: SweepSpec | None) -> str:
+    """The scheduler as a trial's reason names it."""
+    return "successive halving" if sweep is not None and sweep.scheduler == "halving" else "ASHA"
 
 
 @dataclass(frozen=True)
@@ -181,14 +201,15 @@ class TrialKey:
 
 
 class ReportStoppedTrials(tune.Callback):
-    """Tells the service of trials the scheduler ended early (ASHA): they end without error
+    """Tells the service of trials the scheduler (``by``) ended early: they end without error
     before their last epoch, in a process Tune has stopped, so nothing else can say so.
 
     Tune saves its callbacks with the experiment's state, so this keeps nothing of the job's
     but its epochs: the job's environment (its worker token) is read when it posts."""
 
-    def __init__(self, *, epochs: int) -> None:
+    def __init__(self, *, epochs: int, by: str) -> None:
         self.epochs = epochs
+        self.by = by
 
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -200,7 +221,7 @@ class ReportStoppedTrials(tune.Callback):
                     str(trial),  # the trial's name: its key (TrialKey)
                     config={},  # as the trial reported it (with the seed it was given)
                     status="stopped",
-                    reason=f"stopped early by ASHA after epoch {last_epoch} of {self.epochs}",
+                    reason=f"stopped early by {self.by} after epoch {last_epoch} of {self.epochs}",
                 )
 
 
