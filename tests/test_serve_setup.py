@@ -197,7 +197,7 @@ def test_tunes_saved_callbacks_hold_no_worker_token(monkeypatch: pytest.MonkeyPa
     the job's token must not be in them. It is read from the environment when one posts."""
     for name, value in job_env("worker-token-at-start").as_env_vars().items():
         monkeypatch.setenv(name, value)
-    callback = ReportStoppedTrials(epochs=3)
+    callback = ReportStoppedTrials(epochs=3, by="ASHA")
     for dumped in (pickle.dumps(callback), cloudpickle.dumps(callback)):
         assert b"worker-token-at-start" not in dumped
 

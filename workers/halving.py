@@ -5,8 +5,9 @@ stop. At the last rung the survivors train to the end.
 
 Against ASHA (``asha``): ASHA decides each trial as it arrives at a rung, so the first trials
 to arrive go on for want of others to compare with. On a sweep of a few trials, two at a time,
-those few are most of the sweep, and it saves little (docs/benchmarks.md, "ASHA against the
-grid"). Waiting costs nothing here but the paused trial's slot, which the next trial takes.
+those few are most of the sweep, and it saves little (docs/benchmarks.md, "ASHA and successive
+halving against the grid"). Waiting costs some wall time: while the last trials reach a rung,
+the slots of those waiting stay idle.
 
 It needs every trial of the sweep known before the first rung is decided (a grid, or random
 search's samples), so the spec refuses it with Optuna, whose trials follow the results.
