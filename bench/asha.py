@@ -23,8 +23,7 @@ from typing import Any
 import httpx
 from live_service import epochs_of, finished, running_service, submit, wait
 
-from workers.halving import HALVING_REDUCTION_FACTOR, halving_rungs
-from workers.sweep import ASHA_REDUCTION_FACTOR, asha_grace_period
+from workers.sweep import REDUCTION_FACTOR, first_rung, halving_rungs
 
 
 def main() -> None:
@@ -59,9 +58,8 @@ def main() -> None:
     configs = len(args.betas) * len(args.epsilons)
     print(f"{configs} configurations x {args.epochs} epochs, digits small_cnn, TRADES, "
           f"validation PGD-5 at epsilon 0.1; ASHA: grace period "
-          f"{asha_grace_period(args.epochs)}, reduction factor {ASHA_REDUCTION_FACTOR}; "
-          f"halving: rungs at epochs {halving_rungs(args.epochs)}, the best 1 in "
-          f"{HALVING_REDUCTION_FACTOR} going on; "
+          f"{first_rung(args.epochs)}; halving: rungs at epochs {halving_rungs(args.epochs)}; "
+          f"the best 1 in {REDUCTION_FACTOR} going on at each rung; "
           f"{platform.node()}, {datetime.now():%Y-%m-%d %H:%M}")  # fmt: skip
     with running_service() as api:
         rows = [run(api, spec(scheduler)) for scheduler in args.schedulers]

@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings
-from workers.halving import halving_rungs
 from workers.spec import JobSpec
+from workers.sweep import halving_rungs
 
 if TYPE_CHECKING:
     from tests.conftest import LiveServer

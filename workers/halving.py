@@ -15,7 +15,8 @@ search's samples), so the spec refuses it with Optuna, whose trials follow the r
     SuccessiveHalving      the Tune scheduler: pauses trials at rungs, promotes the best
     HalvingVariantGenerator  Tune's variant generator whose limit on trials at once counts
                            only the trials that train, not those waiting at a rung
-    halving_rungs(epochs)  the default rungs of a sweep of ``epochs`` epochs
+
+Its defaults (the rungs, the share that goes on) are the sweep's: ``workers.sweep``.
 """
 
 from __future__ import annotations
@@ -29,18 +30,6 @@ from ray.tune.search import BasicVariantGenerator
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
 
-# How many of a rung's trials go on: the best 1 in HALVING_REDUCTION_FACTOR (at least one).
-HALVING_REDUCTION_FACTOR = 3
-
-
-def halving_rungs(epochs: int) -> tuple[int, ...]:
-    """The epochs at which trials are compared: after a quarter of the epochs, then after half.
-    A rung after one epoch stopped the grid's best TRADES trial (a large beta fits slowly, then
-    overtakes); with rungs at a quarter and half, the best third of nine trials and then the
-    best one of those train on, for 39% of the grid's epochs (docs/benchmarks.md)."""
-    first = max(1, epochs // 4)
-    return tuple(sorted({e for e in (first, max(first, epochs // 2)) if e < epochs}))
-
 
 class SuccessiveHalving(FIFOScheduler):
     """Tune's scheduler for synchronous successive halving by ``time_attr`` (the epoch).
@@ -48,8 +37,12 @@ class SuccessiveHalving(FIFOScheduler):
     ``num_trials`` is the sweep's whole count: a rung is decided once that many trials were
     added and every one still in it has reported there or ended. ``max_concurrent`` trials
     train at once; a paused trial does not count. Each rung keeps the best
-    ``len // reduction_factor`` (at least one) of the trials that reached it, by ``metric``
-    at the rung's epoch; ties go to the earlier trial."""
+    ``len // reduction_factor`` (at least one) of the trials that reached it, by the metric
+    at the rung's epoch; ties go to the earlier trial.
+
+    Tune's calls, as its TuneController makes them: PAUSE saves the trial (it stays RUNNING
+    until the save is done, then is PAUSED); a trial it runs again after a lost process gets
+    ``on_trial_error`` (already ERROR) and then ``on_trial_add`` again, from its checkpoint."""
 
     # Every result is seen: a buffered one could carry a trial past its rung.
     _supports_buffered_results = False
@@ -60,7 +53,7 @@ class SuccessiveHalving(FIFOScheduler):
         rungs: tuple[int, ...],
         num_trials: int,
         max_concurrent: int,
-        reduction_factor: int = HALVING_REDUCTION_FACTOR,
+        reduction_factor: int,
         time_attr: str = "epoch",
     ) -> None:
         super().__init__()
@@ -79,24 +72,31 @@ class SuccessiveHalving(FIFOScheduler):
         self.decided: list[bool] = [False for _ in rungs]
         self.ended: set[str] = set()  # completed, stopped or failed
         self.waiting: set[str] = set()  # paused at a rung that is not decided yet
-        self.to_resume: list[Trial] = []  # paused, promoted, to run again
+        self.to_resume: set[str] = set()  # promoted at a rung, to run again once PAUSED
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        self._metric = metric
+        if not super().set_search_properties(metric, mode, **spec):
+            return False
         self.sign = -1.0 if mode == "min" else 1.0
         return True
 
     def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
+        if trial.trial_id in self.rung_of:  # run again after a lost process: it keeps its place,
+            self.to_resume.discard(trial.trial_id)  # and Tune starts it itself
+            return
         self.trials.append(trial)
         self.rung_of[trial.trial_id] = 0
 
     def on_trial_result(
         self, tune_controller: TuneController, trial: Trial, result: dict[str, Any]
     ) -> str:
+        self.to_resume.discard(trial.trial_id)  # it runs (again after a lost process)
         rung = self.rung_of[trial.trial_id]
         epoch = result.get(self.time_attr)
         if rung >= len(self.rungs) or epoch is None or epoch < self.rungs[rung]:
             return TrialScheduler.CONTINUE
+        if self.decided[rung]:  # stopped there; a result already on its way when it was
+            return TrialScheduler.STOP
         self.scores[rung][trial.trial_id] = self.sign * float(result[self.metric])
         if not self._rung_complete(rung):
             self.waiting.add(trial.trial_id)
@@ -109,7 +109,9 @@ class SuccessiveHalving(FIFOScheduler):
         self._end(tune_controller, trial)
 
     def on_trial_error(self, tune_controller: TuneController, trial: Trial) -> None:
-        self._end(tune_controller, trial)
+        # Already ERROR: Tune runs it again (FailureConfig) and adds it again; else it ended.
+        if trial.status != Trial.ERROR:
+            self._end(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller: TuneController, trial: Trial) -> None:
         self._end(tune_controller, trial)
@@ -118,14 +120,18 @@ class SuccessiveHalving(FIFOScheduler):
         for trial in self.trials:
             if trial.status == Trial.PENDING and trial.trial_id not in self.waiting:
                 return trial
-        while self.to_resume and self.to_resume[0].status != Trial.PAUSED:
-            self.to_resume.pop(0)  # ended meanwhile (cancelled)
-        if self.to_resume and self.has_room():
-            return self.to_resume.pop(0)
+        if not self.has_room():
+            return None
+        # A promoted trial whose save is not done yet (still RUNNING) waits its turn here.
+        for trial in self.trials:
+            if trial.trial_id in self.to_resume and trial.status == Trial.PAUSED:
+                self.to_resume.discard(trial.trial_id)
+                return trial
         return None
 
     def has_room(self) -> bool:
-        """Whether another trial may train: fewer than ``max_concurrent`` train now."""
+        """Whether another trial may train: fewer than ``max_concurrent`` train now. (A trial
+        that Tune runs again after a lost process starts at once, room or not.)"""
         training = [
             t
             for t in self.trials
@@ -152,8 +158,9 @@ class SuccessiveHalving(FIFOScheduler):
             return
         self.ended.add(trial.trial_id)
         self.waiting.discard(trial.trial_id)
+        self.to_resume.discard(trial.trial_id)
         # A trial that ended before its rung may have been the one the rung waited for.
-        rung = self.rung_of.get(trial.trial_id, len(self.rungs))
+        rung = self.rung_of[trial.trial_id]
         if rung < len(self.rungs) and not self.decided[rung] and self._rung_complete(rung):
             self._decide(tune_controller, rung, current=None)
 
@@ -173,7 +180,7 @@ class SuccessiveHalving(FIFOScheduler):
             if place < keep:
                 self.rung_of[trial.trial_id] = rung + 1
                 if trial is not current:
-                    self.to_resume.append(trial)
+                    self.to_resume.add(trial.trial_id)
                 continue
             if trial is current:
                 action = TrialScheduler.STOP
@@ -195,7 +202,7 @@ class HalvingVariantGenerator(BasicVariantGenerator):
     def next_trial(self) -> Trial | None:
         if not self.scheduler.has_room():
             return None
-        trial: Trial | None = super().next_trial()
+        trial: Trial | None = super().next_trial()  # (Tune's is untyped)
         return trial
 
     def get_state(self) -> dict[str, Any] | bool:

@@ -33,7 +33,7 @@ from ray.tune.search import (
 )
 from ray.tune.search.optuna import OptunaSearch
 
-from workers.halving import HalvingVariantGenerator, SuccessiveHalving, halving_rungs
+from workers.halving import HalvingVariantGenerator, SuccessiveHalving
 from workers.job_env import JobEnv
 from workers.reporter import Reporter
 from workers.spec import SEED_PATH, JobSpec, ParameterSpace, SweepSpec
@@ -59,6 +59,7 @@ def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
         tune.with_parameters(run_trial, use_gpu=use_gpu), trial_resources(spec, use_gpu=use_gpu)
     )
     storage_path, storage_filesystem = env.ray_storage()
+    scheduler = spec.sweep.scheduler if spec.sweep is not None else "fifo"
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(spec),
@@ -70,7 +71,7 @@ def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
             failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
-                ReportStoppedTrials(epochs=spec.training.epochs, by=_scheduler_name(spec.sweep)),
+                ReportStoppedTrials(epochs=spec.training.epochs, by=SCHEDULER_NAMES[scheduler]),
                 FailWhereNoNodeFits(),
             ],
         ),
@@ -152,12 +153,23 @@ def _search_algorithm(sweep: SweepSpec, *, seed: int, scheduler: TrialScheduler)
     return BasicVariantGenerator(max_concurrent=sweep.max_concurrent_trials, random_state=seed)
 
 
-ASHA_REDUCTION_FACTOR = 3
+# Under asha and halving, the best 1 in REDUCTION_FACTOR trials at a rung go on.
+REDUCTION_FACTOR = 3
 
 
-def asha_grace_period(epochs: int) -> int:
-    """The epochs every trial of an ASHA sweep trains before it can be stopped."""
+def first_rung(epochs: int) -> int:
+    """The epochs every trial of an asha or halving sweep trains before it can be stopped: a
+    quarter of them. A rung after epoch 1 stopped the grid's best TRADES trial (a large beta
+    fits slowly, then overtakes; docs/benchmarks.md, "ASHA and successive halving")."""
     return max(1, epochs // 4)
+
+
+def halving_rungs(epochs: int) -> tuple[int, ...]:
+    """The epochs at which a halving sweep compares its trials: after a quarter of them, then
+    after half. With the best third going on at each, a grid of 9 (or 27, 81...) trains 39% of
+    the grid's epochs (1/4 + 1/3 x 1/4 + 1/9 x 1/2), and found the grid's best."""
+    rungs = {first_rung(epochs), max(first_rung(epochs), epochs // 2)}
+    return tuple(sorted(e for e in rungs if e < epochs))
 
 
 def _scheduler(sweep: SweepSpec, *, epochs: int) -> TrialScheduler:
@@ -166,25 +178,22 @@ def _scheduler(sweep: SweepSpec, *, epochs: int) -> TrialScheduler:
             rungs=halving_rungs(epochs),
             num_trials=sweep.num_trials(),
             max_concurrent=sweep.max_concurrent_trials,
+            reduction_factor=REDUCTION_FACTOR,
         )
     if sweep.scheduler == "asha":
         # One past the last epoch: ASHA stops a trial that reaches max_t, and a trial that
         # trained to its end must still be evaluated on the test split after its last report.
-        # The first rung after a quarter of the epochs, the top third going on at each: with
-        # a rung after epoch 1, ASHA stopped the grid's best TRADES trial (a large beta fits
-        # slowly, then overtakes; docs/benchmarks.md, "ASHA against the grid").
         return ASHAScheduler(
             time_attr="epoch",
             max_t=epochs + 1,
-            grace_period=asha_grace_period(epochs),
-            reduction_factor=ASHA_REDUCTION_FACTOR,
+            grace_period=first_rung(epochs),
+            reduction_factor=REDUCTION_FACTOR,
         )
     return FIFOScheduler()
 
 
-def _scheduler_name(sweep: SweepSpec | None) -> str:
-    """The scheduler as a trial's reason names it."""
-    return "successive halving" if sweep is not None and sweep.scheduler == "halving" else "ASHA"
+# Each scheduler as a trial's reason names it ("stopped early by ASHA after epoch 2 of 8").
+SCHEDULER_NAMES = {"fifo": "FIFO", "asha": "ASHA", "halving": "successive halving"}
 
 
 @dataclass(frozen=True)
