@@ -71,8 +71,6 @@ class SuccessiveHalving(FIFOScheduler):
         self.scores: list[dict[str, float]] = [{} for _ in rungs]
         self.decided: list[bool] = [False for _ in rungs]
         self.ended: set[str] = set()  # completed, stopped or failed
-        self.waiting: set[str] = set()  # paused at a rung that is not decided yet
-        self.to_resume: set[str] = set()  # promoted at a rung, to run again once PAUSED
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         if not super().set_search_properties(metric, mode, **spec):
@@ -81,8 +79,7 @@ class SuccessiveHalving(FIFOScheduler):
         return True
 
     def on_trial_add(self, tune_controller: TuneController, trial: Trial) -> None:
-        if trial.trial_id in self.rung_of:  # run again after a lost process: it keeps its place,
-            self.to_resume.discard(trial.trial_id)  # and Tune starts it itself
+        if trial.trial_id in self.rung_of:  # run again after a lost process: it keeps its place
             return
         self.trials.append(trial)
         self.rung_of[trial.trial_id] = 0
@@ -90,7 +87,6 @@ class SuccessiveHalving(FIFOScheduler):
     def on_trial_result(
         self, tune_controller: TuneController, trial: Trial, result: dict[str, Any]
     ) -> str:
-        self.to_resume.discard(trial.trial_id)  # it runs (again after a lost process)
         rung = self.rung_of[trial.trial_id]
         epoch = result.get(self.time_attr)
         if rung >= len(self.rungs) or epoch is None or epoch < self.rungs[rung]:
@@ -99,7 +95,6 @@ class SuccessiveHalving(FIFOScheduler):
             return TrialScheduler.STOP
         self.scores[rung][trial.trial_id] = self.sign * float(result[self.metric])
         if not self._rung_complete(rung):
-            self.waiting.add(trial.trial_id)
             return TrialScheduler.PAUSE
         return self._decide(tune_controller, rung, current=trial)
 
@@ -118,14 +113,14 @@ class SuccessiveHalving(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: TuneController) -> Trial | None:
         for trial in self.trials:
-            if trial.status == Trial.PENDING and trial.trial_id not in self.waiting:
+            if trial.status == Trial.PENDING and not self._waits(trial):
                 return trial
         if not self.has_room():
             return None
-        # A promoted trial whose save is not done yet (still RUNNING) waits its turn here.
+        # Paused and no longer waiting: promoted at its rung. (One promoted while its pause is
+        # still saving is RUNNING until the save is done, and is resumed after.)
         for trial in self.trials:
-            if trial.trial_id in self.to_resume and trial.status == Trial.PAUSED:
-                self.to_resume.discard(trial.trial_id)
+            if trial.status == Trial.PAUSED and not self._waits(trial):
                 return trial
         return None
 
@@ -135,14 +130,26 @@ class SuccessiveHalving(FIFOScheduler):
         training = [
             t
             for t in self.trials
-            if t.status in (Trial.PENDING, Trial.RUNNING) and t.trial_id not in self.waiting
+            if t.status in (Trial.PENDING, Trial.RUNNING) and not self._waits(t)
         ]
         return len(training) < self.max_concurrent
+
+    def _waits(self, trial: Trial) -> bool:
+        """Whether the trial reached its rung and waits for the rung to be decided (paused, or
+        RUNNING while its pause is saved)."""
+        rung = self.rung_of[trial.trial_id]
+        return (
+            rung < len(self.rungs)
+            and trial.trial_id in self.scores[rung]
+            and not self.decided[rung]
+            and trial.trial_id not in self.ended
+        )
 
     def debug_string(self) -> str:
         rungs = zip(self.rungs, self.scores, strict=True)
         reached = ", ".join(f"epoch {epoch}: {len(scores)}" for epoch, scores in rungs)
-        return f"Successive halving: trials at each rung ({reached}), {len(self.waiting)} waiting"
+        waiting = sum(self._waits(t) for t in self.trials)
+        return f"Successive halving: trials at each rung ({reached}), {waiting} waiting"
 
     def _rung_complete(self, rung: int) -> bool:
         if len(self.trials) < self.num_trials:
@@ -157,8 +164,6 @@ class SuccessiveHalving(FIFOScheduler):
         if trial.trial_id in self.ended:
             return
         self.ended.add(trial.trial_id)
-        self.waiting.discard(trial.trial_id)
-        self.to_resume.discard(trial.trial_id)
         # A trial that ended before its rung may have been the one the rung waited for.
         rung = self.rung_of[trial.trial_id]
         if rung < len(self.rungs) and not self.decided[rung] and self._rung_complete(rung):
@@ -176,11 +181,8 @@ class SuccessiveHalving(FIFOScheduler):
         keep = max(1, len(ranked) // self.reduction_factor)
         action = TrialScheduler.CONTINUE
         for place, trial in enumerate(ranked):
-            self.waiting.discard(trial.trial_id)
             if place < keep:
-                self.rung_of[trial.trial_id] = rung + 1
-                if trial is not current:
-                    self.to_resume.add(trial.trial_id)
+                self.rung_of[trial.trial_id] = rung + 1  # resumed by choose_trial_to_run
                 continue
             if trial is current:
                 action = TrialScheduler.STOP

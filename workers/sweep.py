@@ -168,7 +168,7 @@ def halving_rungs(epochs: int) -> tuple[int, ...]:
     """The epochs at which a halving sweep compares its trials: after a quarter of them, then
     after half. With the best third going on at each, a grid of 9 (or 27, 81...) trains 39% of
     the grid's epochs (1/4 + 1/3 x 1/4 + 1/9 x 1/2), and found the grid's best."""
-    rungs = {first_rung(epochs), max(first_rung(epochs), epochs // 2)}
+    rungs = {first_rung(epochs), max(1, epochs // 2)}
     return tuple(sorted(e for e in rungs if e < epochs))
 
 
