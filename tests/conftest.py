@@ -325,6 +325,21 @@ def play_workers(
     expect_ok(worker.post(f"{base}/events", json={"status": "succeeded", "reason": "done"}))
 
 
+def finished_autoattack_job(
+    submit: Callable[..., dict[str, Any]], dispatch: Callable[[str], httpx.Client], name: str
+) -> str:
+    """A one-trial TRADES job that runs AutoAttack, played to its end by its workers; its id.
+    PGD-20 leaves 60% and AutoAttack 52%: only AutoAttack's number may be shown as the robust
+    one."""
+    job_id: str = submit(
+        name=name, training={"method": "trades", "epochs": 2}, evaluation={"autoattack": True}
+    )["id"]
+    play_workers(
+        dispatch(job_id), job_id, {"trial_0000": (6.0, 0.9, 0.6)}, autoattack={"trial_0000": 0.52}
+    )
+    return job_id
+
+
 def checkpoint_bytes(seed: int = 0) -> bytes:
     """A real small_cnn checkpoint for 1x8x8 digits, as a file's bytes."""
     torch.manual_seed(seed)

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import LiveServer, bearer, play_workers
+from tests.conftest import LiveServer, bearer, finished_autoattack_job, play_workers
 from workers.models import build_model, load_checkpoint, model_architecture
 from workers.spec import ARCH_PATH
 
@@ -121,18 +121,8 @@ def test_submit_with_overrides_then_read_everything_back(
 def test_jobs_and_status_show_autoattacks_accuracy_where_the_job_ran_it(
     advorch: Advorch, submit: Callable[..., dict[str, Any]], dispatch: Callable[[str], httpx.Client]
 ) -> None:
-    job_id = submit(
-        name="cli-autoattack",
-        training={"method": "trades", "epochs": 2},
-        evaluation={"autoattack": True},
-    )["id"]
     # PGD-20 leaves 60%, AutoAttack 52%: only AutoAttack's number may be shown as the robust one.
-    play_workers(
-        dispatch(job_id),
-        job_id,
-        {"trial_0000": (6.0, 0.9, 0.6)},
-        autoattack={"trial_0000": 0.52},
-    )
+    job_id = finished_autoattack_job(submit, dispatch, "cli-autoattack")
 
     listing = advorch("jobs")
     assert listing.returncode == 0, listing.stderr

@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, UserClient, checkpoint_bytes, play_workers
+from tests.conftest import (
+    LiveServer,
+    UserClient,
+    checkpoint_bytes,
+    finished_autoattack_job,
+    play_workers,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 # Trial key -> (beta, clean acc, robust acc). Beta 1's is dominated: it is not on the front.
@@ -185,17 +191,7 @@ def test_the_job_list_names_the_attack_of_each_best_robust_accuracy(
     finished_sweep: str,
 ) -> None:
     # A job that ran AutoAttack is listed by AutoAttack's accuracy, not its (higher) PGD one.
-    autoattacked: str = submit(
-        name="web-autoattack",
-        training={"method": "trades", "epochs": 2},
-        evaluation={"autoattack": True},
-    )["id"]
-    play_workers(
-        dispatch(autoattacked),
-        autoattacked,
-        {"trial_0000": (6.0, 0.9, 0.6)},
-        autoattack={"trial_0000": 0.52},
-    )
+    finished_autoattack_job(submit, dispatch, "web-autoattack")
 
     dom = render(f"{live_server.url}/#token={live_server.api_token}")
     header, *rows = dom.tables["jobs"]
