@@ -4,11 +4,52 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-from workers.data import Augmentation, augment, load_dataset, synthetic_dataset
+from workers.data import DIGITS_FILE, Augmentation, augment, load_dataset, synthetic_dataset
+
+DIGITS_VAL_SIZE = 360
+DIGITS_TEST_SIZE = 360
+DIGITS_SPLIT_SEED = 0
+
+
+def digits_as_scikit_learn_gives_them() -> dict[str, np.ndarray]:
+    """What ``workers/digits.npz`` holds: scikit-learn's digits (grey levels 0..16, labels) and
+    their split, stratified and seeded, into train / val / test indices. scikit-learn is a
+    dev dependency only: the workers read the file."""
+    images, labels = load_digits(return_X_y=True)
+    indices = np.arange(len(labels))
+    rest, test = train_test_split(
+        indices, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=DIGITS_SPLIT_SEED
+    )
+    train, val = train_test_split(
+        rest, test_size=DIGITS_VAL_SIZE, stratify=labels[rest], random_state=DIGITS_SPLIT_SEED
+    )
+    return {
+        "images": images.astype(np.uint8),
+        "labels": labels.astype(np.uint8),
+        "train": train.astype(np.int16),
+        "val": val.astype(np.int16),
+        "test": test.astype(np.int16),
+    }
+
+
+def test_the_bundled_digits_are_scikit_learns_and_their_split() -> None:
+    expected = digits_as_scikit_learn_gives_them()
+    with np.load(DIGITS_FILE) as bundled:
+        assert sorted(bundled.files) == sorted(expected)
+        for name, array in expected.items():
+            np.testing.assert_array_equal(bundled[name], array, err_msg=name)
+    images, labels = load_digits(return_X_y=True)
+    x, y = load_dataset("digits", "val")
+    torch.testing.assert_close(
+        x, torch.tensor(images[expected["val"]] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    )
+    assert y.tolist() == labels[expected["val"]].tolist()
 
 
 def test_digits_splits_are_stratified_disjoint_and_cover_every_image() -> None:
@@ -143,3 +184,8 @@ def test_flip_mirrors_about_half_the_images_and_nothing_else() -> None:
     assert all(f != k for f, k in zip(flipped, kept, strict=True))
     assert 16 < sum(flipped) < 48
     assert torch.equal(augment(x, Augmentation()), x)
+
+
+if __name__ == "__main__":
+    # Write workers/digits.npz again (after a scikit-learn that changes the digits or the split).
+    np.savez_compressed(DIGITS_FILE, **digits_as_scikit_learn_gives_them())

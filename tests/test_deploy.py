@@ -507,6 +507,7 @@ def test_the_wheel_holds_every_module_the_web_page_and_the_migrations(wheel: Pat
             assert asset.relative_to(ROOT).as_posix() in names, asset
     assert "api/static/index.html" in names
     assert "migrations/script.py.mako" in names  # for `alembic revision` on an installed copy
+    assert "workers/digits.npz" in names  # the digits data set, read by every digits job
     assert {"workers/models/__init__.py", "migrations/versions/0001_initial.py"} <= names
 
 
@@ -553,6 +554,8 @@ def test_the_installed_wheel_runs_migrates_and_serves_the_page(wheel: Path, tmp_
         "from api.main import create_app\n"
         "for module in (api, service, workers, migrations):\n"
         f"    assert module.__file__.startswith({str(site_packages)!r}), module.__file__\n"
+        "from workers.data import load_dataset\n"
+        "assert len(load_dataset('digits', 'test')[1]) == 360\n"
         "with TestClient(create_app()) as client:\n"
         "    response = client.get('/')\n"
         "    assert response.status_code == 200, response.status_code\n"

@@ -4,9 +4,11 @@
 Every split fits in memory (CIFAR-10's training split is 0.6 GB in float32), so training
 moves it to the device once and then only indexes it: no loader, no per-batch CPU work.
 
-- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 1x8x8, grey levels
+- ``digits``: the 8x8 handwritten digits scikit-learn bundles (1,797 images, 1x8x8, grey levels
   0..16 scaled to [0, 1]), split once, stratified and seeded, into 1,077 train / 360 val /
-  360 test images.
+  360 test images. ``digits.npz`` beside this file holds the images and that split, as
+  scikit-learn gives them (tests/test_data.py checks it and writes it): importing scikit-learn
+  took 1.5-2.5 s in every process that loads the digits, each Ray trial's among them.
 - ``cifar10``: the standard python ``cifar-10-batches-py`` folder under ``root`` (default:
   ``ADVORCH_DATA_DIR``). Validation is every 50th image of the training batches (1,000),
   train the other 49,000, test the 10,000 of ``test_batch``.
@@ -25,8 +27,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from workers.models.normalization import Normalization
 
@@ -34,9 +34,7 @@ Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "synthetic": 10}
 
-DIGITS_VAL_SIZE = 360
-DIGITS_TEST_SIZE = 360
-DIGITS_SPLIT_SEED = 0
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
 
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -72,17 +70,11 @@ def load_dataset(
 
 
 def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = load_digits(return_X_y=True)
-    indices = np.arange(len(labels))
-    rest, test = train_test_split(
-        indices, test_size=DIGITS_TEST_SIZE, stratify=labels, random_state=DIGITS_SPLIT_SEED
-    )
-    train, val = train_test_split(
-        rest, test_size=DIGITS_VAL_SIZE, stratify=labels[rest], random_state=DIGITS_SPLIT_SEED
-    )
-    chosen = {"train": train, "val": val, "test": test}[split]
-    x = torch.tensor(images[chosen] / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    return x, torch.tensor(labels[chosen], dtype=torch.int64)
+    with np.load(DIGITS_FILE) as digits:
+        chosen = digits[split]
+        images, labels = digits["images"][chosen], digits["labels"][chosen]
+    x = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    return x, torch.tensor(labels, dtype=torch.int64)
 
 
 def _cifar10_folder(root: Path | None) -> Path:
