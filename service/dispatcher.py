@@ -94,6 +94,7 @@ def submit(session: Session, ray_jobs: RayJobs, settings: Settings, job: Job) ->
         spec_json=json.dumps(job.submitted_spec or job.spec),
         storage_uri=settings.resolved_storage_uri,  # checked at start (service.storage)
         data_dir=str(settings.resolved_data_dir.resolve()),
+        node_wait_s=settings.node_wait_s,
     )
     try:
         env_vars = settings.passed_env | job_env.as_env_vars() | RAY_JOB_SETTINGS

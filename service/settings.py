@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # How often the dispatcher looks for queued jobs and the reconciler compares DB and Ray.
     dispatch_interval_s: float = 1.0
     reconcile_interval_s: float = 15.0
+    # How long a trial whose node was lost waits for a live node that can run it again (one
+    # that rejoins, or one an autoscaler adds) before its job fails saying the node was lost.
+    node_wait_s: float = Field(default=20.0, ge=0)
 
     # Throughput. `advorch serve` runs the API in this many uvicorn processes sharing one
     # socket (the dispatcher, the reconciler and the migrations run once, in the parent).

@@ -367,6 +367,14 @@ def upload_checkpoint(
 # --- one Ray cluster for the whole session, and advorch services on it ---
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering (by session fixture parameter)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Ray tests last: the session's cluster starts with the first of them and idles
+    through every test after it (a tenth of a core here), and its jobs end before the faster
+    tests' failures would be reported."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
     head = start_local_head(Settings(home=tmp_path_factory.mktemp("ray-head")))

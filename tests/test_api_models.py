@@ -102,6 +102,7 @@ def test_an_evaluate_job_reports_the_architecture_of_the_model_it_attacked(
         spec_json=json.dumps(spec.submitted()),
         storage_uri=str(tmp_path / "storage"),
         data_dir=str(tmp_path / "data"),
+        node_wait_s=20.0,
     )
     reporter = Reporter.for_job(env)
     try:

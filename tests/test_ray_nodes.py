@@ -64,6 +64,8 @@ EPOCHS = 8
 TRIAL_PROCESS = "ray::ImplicitFunc"
 # Ray's GCS declares a node dead some health checks after it stops answering.
 NODE_DEATH_TIMEOUT_S = 90.0
+# How long the service's jobs let a trial whose node was lost wait for another that can run it.
+NODE_WAIT_S = 5
 
 
 @dataclass
@@ -119,6 +121,8 @@ def s3_service(
         ADVORCH_ARTIFACTS=f"s3://{BUCKET}/artifacts",
         ADVORCH_STORAGE_URI=f"s3://{BUCKET}/ray",
         ADVORCH_PASS_ENV=",".join(s3.env),
+        # A stranded trial waits this long for a node that can run it (20 s by default).
+        ADVORCH_NODE_WAIT_S=str(NODE_WAIT_S),
         **s3.env,
     )
     yield service
@@ -261,5 +265,6 @@ def test_a_lost_node_no_other_node_can_replace_fails_its_trial_saying_so(
     assert trial["status"] == "failed"
     assert trial["error"].startswith("its node was lost"), trial["error"]
     assert f"{RESOURCE}: 1" in trial["error"]
+    assert trial["error"].endswith(f"after {NODE_WAIT_S} s"), trial["error"]
     assert epochs_done(s3_api, job_id) < EPOCHS
     wait_for("the job's processes to exit", lambda: not training_processes(ray_head), 60)

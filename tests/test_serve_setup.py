@@ -168,6 +168,7 @@ def job_env(worker_token: str) -> JobEnv:
         spec_json="{}",
         storage_uri="/tmp/storage",
         data_dir="/tmp/data",
+        node_wait_s=20.0,
     )
 
 

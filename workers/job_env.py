@@ -26,6 +26,7 @@ ENV_VARS: dict[str, str] = {
     "spec_json": "ADVORCH_JOB_SPEC",
     "storage_uri": "ADVORCH_STORAGE_URI",
     "data_dir": "ADVORCH_DATA_DIR",
+    "node_wait_s": "ADVORCH_NODE_WAIT_S",
 }
 
 
@@ -44,16 +45,21 @@ class JobEnv:
     storage_uri: str
     # Where data sets such as cifar-10-batches-py live.
     data_dir: str
+    # How long a trial to be run again after its node was lost waits for a live node with the
+    # resources it asks for, before the sweep fails it (workers.sweep.FailWhereNoNodeFits).
+    node_wait_s: float
 
     def as_env_vars(self) -> dict[str, str]:
-        return {ENV_VARS[f.name]: getattr(self, f.name) for f in fields(self)}
+        return {ENV_VARS[f.name]: str(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] = os.environ) -> JobEnv:
         missing = [name for name in ENV_VARS.values() if name not in environ]
         if missing:
             raise RuntimeError(f"not started by the advorch dispatcher: {', '.join(missing)} unset")
-        return cls(**{field: environ[name] for field, name in ENV_VARS.items()})
+        text = {field: environ[name] for field, name in ENV_VARS.items()}
+        node_wait_s = float(text.pop("node_wait_s"))
+        return cls(**text, node_wait_s=node_wait_s)
 
     def scratch_dir(self, trial_key: str) -> Path:
         """A folder of this node's own for a trial's working files (AutoAttack's state, an

@@ -46,10 +46,6 @@ TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 512 * 2**20}
 # How often Tune runs a trial again, from its last checkpoint, after it failed: its process or
 # node was lost (an error of the training itself fails again).
 MAX_TRIAL_FAILURES = 1
-# How long a trial to be run again waits for a live node with the resources it asks for (a
-# custom resource only a lost node had), before the sweep fails it rather than wait forever
-# (Tune only warns). A node that rejoins within this, or a cluster that has one, runs it.
-NODE_WAIT_S = 20.0
 
 
 def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
@@ -72,7 +68,7 @@ def run_sweep(spec: JobSpec, env: JobEnv, *, use_gpu: bool) -> tune.ResultGrid:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
                 ReportStoppedTrials(epochs=spec.training.epochs, by=SCHEDULER_NAMES[scheduler]),
-                FailWhereNoNodeFits(),
+                FailWhereNoNodeFits(wait_s=env.node_wait_s),
             ],
         ),
     )
@@ -245,11 +241,12 @@ class NodeLost(RuntimeError):
 
 class FailWhereNoNodeFits(tune.Callback):
     """Ends the sweep with NodeLost when a trial that failed (its node was lost) waits to run
-    again and, for ``wait_s``, no live node has the resources it asks for: a custom resource
-    (``resources.custom``) that only the lost node declared. Tune itself would wait for one
-    forever, with the job running and the trial shown running."""
+    again and, for ``wait_s`` (the service's ``node_wait_s``), no live node has the resources
+    it asks for: a custom resource (``resources.custom``) that only the lost node declared.
+    Tune itself would wait for one forever (it only warns), with the job running and the
+    trial shown running. A node that rejoins within ``wait_s`` runs it."""
 
-    def __init__(self, wait_s: float = NODE_WAIT_S) -> None:
+    def __init__(self, wait_s: float) -> None:
         self.wait_s = wait_s
         # trial id -> since when (monotonic) it fits no live node
         self._stranded_since: dict[str, float] = {}
