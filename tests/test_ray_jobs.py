@@ -123,18 +123,29 @@ def test_a_trades_beta_sweep_runs_to_its_results_through_a_killed_service(
     assert clean_accuracy(model, x_test, y_test) == pytest.approx(trial["clean_acc"])
 
 
-def test_an_awp_gamma_sweep_with_ema_and_warmup_runs_to_its_results(
-    ray_api: httpx.Client, tmp_path: Path
+def test_a_lost_trial_process_resumes_from_its_last_checkpoint_in_an_awp_ema_sweep(
+    ray_api: httpx.Client, ray_head: LocalRayHead, tmp_path: Path
 ) -> None:
-    """Issue 12's fields through the whole service: a sweep over the nested training.awp.gamma,
-    with an EMA of the weights and an epsilon warm-up; trials say their numbers are of the EMA
-    weights and each epoch the training epsilon it used."""
-    spec = trades_spec(
-        "awp-sweep",
-        sweep={"parameters": {"training.awp.gamma": {"grid": [0.0, 0.01]}}},
-    )
+    """One worker a trial: each trains in its own process (Ray Train's local mode). Issue 12's
+    fields through the whole service: a sweep over the nested training.awp.gamma, with an EMA
+    of the weights and an epsilon warm-up. One trial's process killed after its first epoch,
+    Tune runs it again from its last checkpoint; both trials say their numbers are of the EMA
+    weights, and each epoch the training epsilon it used."""
+    epochs = 5
+    sweep = {"parameters": {"training.awp.gamma": {"grid": [0.0, 0.01]}}}
+    spec = trades_spec("awp-sweep", epochs=epochs, sweep=sweep | {"max_concurrent_trials": 2})
     spec["training"] |= {"ema": {"decay": 0.5}, "epsilon_warmup_epochs": 1}
     job_id = submit(ray_api, spec)
+
+    def every_trial_has_an_epoch() -> bool:
+        trials = get(ray_api, f"/v1/jobs/{job_id}/trials")
+        return len(trials) == 2 and all(
+            get(ray_api, f"/v1/jobs/{job_id}/trials/{t['key']}/metrics") for t in trials
+        )
+
+    wait_for("an epoch of each trial", every_trial_has_an_epoch)
+    pids = wait_for("the trials' processes", lambda: pids_titled(ray_head, "ray::ImplicitFunc"), 30)
+    os.kill(pids[0], signal.SIGKILL)
 
     job = wait_until_finished(ray_api, job_id)
     assert job["status"] == "succeeded", job["error"]
@@ -142,33 +153,17 @@ def test_an_awp_gamma_sweep_with_ema_and_warmup_runs_to_its_results(
     assert sorted(t["config"]["training.awp.gamma"] for t in trials) == [0.0, 0.01]
     for trial in trials:
         assert trial["status"] == "succeeded" and trial["weights"] == "ema"
-        epochs = get(ray_api, f"/v1/jobs/{job_id}/trials/{trial['key']}/metrics")
+        metrics = get(ray_api, f"/v1/jobs/{job_id}/trials/{trial['key']}/metrics")
+        assert [e["epoch"] for e in metrics] == list(range(1, epochs + 1))
         # 16 steps an epoch, a warm-up of one epoch: epoch 1's last step is at 15/16 of 0.1.
-        assert [e["train_epsilon"] for e in epochs] == pytest.approx([0.1 * 15 / 16, 0.1])
+        warmed_up = [0.1 * 15 / 16] + [0.1] * (epochs - 1)
+        assert [e["train_epsilon"] for e in metrics] == pytest.approx(warmed_up)
+    # Tune ran the killed trial again from a checkpoint, not from epoch 1.
+    assert "resuming after epoch" in get(ray_api, f"/v1/jobs/{job_id}/logs")["logs"]
     response = ray_api.get(f"/v1/jobs/{job_id}/trials/{trials[0]['key']}/checkpoint")
     assert response.status_code == 200, response.text
     (tmp_path / "best.pt").write_bytes(response.content)
     assert read_checkpoint_meta(tmp_path / "best.pt")["weights"] == "ema"
-
-
-def test_a_lost_trial_process_resumes_from_its_last_checkpoint(
-    ray_api: httpx.Client, ray_head: LocalRayHead
-) -> None:
-    """One worker: the trial trains in its own process (Ray Train's local mode); killed, Tune
-    runs it again from its last checkpoint."""
-    job_id = submit(ray_api, trades_spec("lose-a-trial-process", epochs=6))
-    wait_for("two epochs", lambda: epochs_done(ray_api, job_id) >= 2)
-    (pid,) = wait_for("the trial's process", lambda: pids_titled(ray_head, "ray::ImplicitFunc"), 30)
-    os.kill(pid, signal.SIGKILL)
-
-    job = wait_until_finished(ray_api, job_id)
-    assert job["status"] == "succeeded", job["error"]
-    (trial,) = assert_every_trial_ended(ray_api, job_id)
-    assert trial["status"] == "succeeded"
-    epochs = get(ray_api, f"/v1/jobs/{job_id}/trials/{trial['key']}/metrics")
-    assert [e["epoch"] for e in epochs] == list(range(1, 7))
-    # Tune ran the trial again from a checkpoint, not from epoch 1.
-    assert "resuming after epoch" in get(ray_api, f"/v1/jobs/{job_id}/logs")["logs"]
 
 
 def test_a_data_parallel_trial_survives_a_lost_worker(
@@ -303,7 +298,8 @@ def test_a_missing_data_set_fails_the_job_with_its_message(ray_api: httpx.Client
 
 
 def test_serve_starts_its_own_ray_head_and_leaves_none_behind(tmp_path: Path) -> None:
-    """Stopped (SIGTERM) or killed (SIGKILL), `advorch serve` leaves no Ray process behind."""
+    """Stopped (SIGTERM) or killed (SIGKILL), `advorch serve` leaves no process behind: neither
+    its Ray head nor its API workers."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         home = tmp_path / sig.name
         home.mkdir()
@@ -336,6 +332,8 @@ def test_serve_starts_its_own_ray_head_and_leaves_none_behind(tmp_path: Path) ->
         except AssertionError as error:
             left = "\n".join(started[pid][:200] for pid in live(started))
             raise AssertionError(f"{error}; still running:\n{left}") from None
+        with pytest.raises(httpx.TransportError):  # no API worker left to answer
+            httpx.get(f"{service.url}/healthz", timeout=5)
 
 
 def test_a_retried_submission_starts_one_ray_job(ray_jobs: RayJobs) -> None:
