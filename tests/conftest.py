@@ -369,9 +369,9 @@ def upload_checkpoint(
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering (by session fixture parameter)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The Ray tests last: the session's cluster starts with the first of them and idles
-    through every test after it (a tenth of a core here), and its jobs end before the faster
-    tests' failures would be reported."""
+    """The Ray tests last: the session's cluster starts with the first of them and stays up to
+    the end, so a test after them would share the cores with its idle daemons (a tenth of a
+    core here)."""
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 

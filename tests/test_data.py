@@ -10,7 +10,14 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from workers.data import DIGITS_FILE, Augmentation, augment, load_dataset, synthetic_dataset
+from workers.data import (
+    DIGITS_FILE,
+    SPLITS,
+    Augmentation,
+    augment,
+    load_dataset,
+    synthetic_dataset,
+)
 
 DIGITS_VAL_SIZE = 360
 DIGITS_TEST_SIZE = 360
@@ -44,12 +51,13 @@ def test_the_bundled_digits_are_scikit_learns_and_their_split() -> None:
         assert sorted(bundled.files) == sorted(expected)
         for name, array in expected.items():
             np.testing.assert_array_equal(bundled[name], array, err_msg=name)
-    images, labels = load_digits(return_X_y=True)
-    x, y = load_dataset("digits", "val")
-    torch.testing.assert_close(
-        x, torch.tensor(images[expected["val"]] / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    )
-    assert y.tolist() == labels[expected["val"]].tolist()
+    # And the loader gives each split of the file: grey levels 0..16 scaled to [0, 1].
+    for split in SPLITS:
+        x, y = load_dataset("digits", split)
+        chosen = expected[split]
+        images = torch.tensor(expected["images"][chosen] / 16.0, dtype=torch.float32)
+        torch.testing.assert_close(x, images.view(-1, 1, 8, 8), msg=split)
+        assert y.tolist() == expected["labels"][chosen].tolist(), split
 
 
 def test_digits_splits_are_stratified_disjoint_and_cover_every_image() -> None:
