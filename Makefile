@@ -1,11 +1,12 @@
-# The two commands of the README: `make serve` and `make test`. Both build .venv when it is missing.
+# The README's commands: `make serve`, `make test` and `make test-all` (the whole suite, CI's).
+# Each builds .venv when it is missing.
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 LOCK := requirements.lock
 
-.PHONY: serve test lint lock compose-smoke bench clean-venv
+.PHONY: serve test test-all lint lock compose-smoke bench clean-venv
 
 # Debian's Chromium, for the test that renders the web page headless (root here, as in CI).
 CHROMIUM := /usr/bin/chromium
@@ -40,8 +41,13 @@ DOCKER_COMPOSE_V1 := /usr/bin/docker-compose
 $(DOCKER_COMPOSE_V1):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
 
-# With branch coverage of every process the tests start; below `fail_under` it fails.
+# The suite a developer runs: every test but those marked slow, in two processes.
 test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadgroup
+
+# The whole suite, as CI runs it (.ci/run): every test, in one process, with branch coverage of
+# every process the tests start; below `fail_under` it fails.
+test-all: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=html:htmlcov
 
 lint: $(STAMP)

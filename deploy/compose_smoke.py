@@ -1,5 +1,5 @@
 """The compose stack, run for real on this host's Docker: ``deploy/compose-smoke`` (or
-``make compose-smoke``). Not part of ``make test`` or ``.ci/run``: it needs a Docker engine and
+``make compose-smoke``). Not part of the test suite or ``.ci/run``: it needs a Docker engine and
 takes about ten minutes.
 
 It builds the image, brings the CPU stack (docker-compose.yml) up under its own project name

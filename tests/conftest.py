@@ -367,16 +367,40 @@ def upload_checkpoint(
 # --- one Ray cluster for the whole session, and advorch services on it ---
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`: two workers on two cores, one of them running the Ray
+    tests' trials too), torch computes on one thread per worker: with a thread per core in
+    each, they spin against each other and the training tests took 4-7 times as long."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering (by session fixture parameter)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The Ray tests last: the session's cluster starts with the first of them and stays up to
     the end, so a test after them would share the cores with its idle daemons (a tenth of a
-    core here)."""
+    core here). (Under pytest-xdist, `make test`, the Ray tests are one group, the largest, and
+    a worker takes it first while the other runs the rest.)"""
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayHead]:
+def ray_head(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalRayHead]:
+    if hasattr(request.config, "workerinput"):
+        # Under pytest-xdist the workers' temporary folders share a parent: the first worker to
+        # start a cluster claims it there, and a second one fails, loudly, rather than start a
+        # second cluster on the same cores (which pytest-xdist's loadgroup exists to prevent).
+        claim = tmp_path_factory.getbasetemp().parent / "ray-head-worker"
+        try:
+            with claim.open("x") as file:
+                file.write(request.config.workerinput["workerid"])
+        except FileExistsError:
+            pytest.fail(
+                f"the Ray tests run on two pytest-xdist workers ({claim.read_text()} already "
+                "started a cluster): run them with --dist loadgroup, on a pytest that keeps it"
+            )
     head = start_local_head(Settings(home=tmp_path_factory.mktemp("ray-head")))
     yield head
     head.stop()

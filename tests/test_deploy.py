@@ -109,7 +109,7 @@ def compose_v2() -> list[str]:
 
 
 def compose_v1() -> list[str]:
-    """Debian's docker-compose 1.29 (`make test` installs it), the one older hosts have."""
+    """Debian's docker-compose 1.29 (both test commands install it), the one older hosts have."""
     binary = "/usr/bin/docker-compose"
     assert Path(binary).exists(), "docker-compose 1.29 is missing: apt-get install docker-compose"
     return [binary]

@@ -64,6 +64,7 @@ def pgd_accuracy(model: torch.nn.Module, examples: int) -> float:
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
+@pytest.mark.slow
 def test_autoattack_runs_after_training_and_is_what_the_reference_code_gives(
     postgres_service: Service, tmp_path: Path
 ) -> None:
@@ -138,6 +139,7 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torc
     return path, model
 
 
+@pytest.mark.slow
 def test_an_evaluate_job_attacks_an_uploaded_pt2_and_gives_its_curve(
     service: Service, ray_api: httpx.Client, exported_model: tuple[Path, Any], tmp_path: Path
 ) -> None:

@@ -123,6 +123,7 @@ def test_a_trades_beta_sweep_runs_to_its_results_through_a_killed_service(
     assert clean_accuracy(model, x_test, y_test) == pytest.approx(trial["clean_acc"])
 
 
+@pytest.mark.slow
 def test_a_lost_trial_process_resumes_from_its_last_checkpoint_in_an_awp_ema_sweep(
     ray_api: httpx.Client, ray_head: LocalRayHead, tmp_path: Path
 ) -> None:
@@ -166,6 +167,7 @@ def test_a_lost_trial_process_resumes_from_its_last_checkpoint_in_an_awp_ema_swe
     assert read_checkpoint_meta(tmp_path / "best.pt")["weights"] == "ema"
 
 
+@pytest.mark.slow
 def test_a_data_parallel_trial_survives_a_lost_worker(
     ray_api: httpx.Client, ray_head: LocalRayHead
 ) -> None:
@@ -297,43 +299,48 @@ def test_a_missing_data_set_fails_the_job_with_its_message(ray_api: httpx.Client
     assert "CIFAR-10 folder not found" in get(ray_api, f"/v1/jobs/{job_id}/logs")["logs"]
 
 
-def test_serve_starts_its_own_ray_head_and_leaves_none_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)],
+    ids=lambda sig: sig.name,
+)
+def test_serve_starts_its_own_ray_head_and_leaves_none_behind(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     """Stopped (SIGTERM) or killed (SIGKILL), `advorch serve` leaves no process behind: neither
     its Ray head nor its API workers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        home = tmp_path / sig.name
-        home.mkdir()
-        secrets = {"ADVORCH_API_TOKEN": "serve-admin-token", "ADVORCH_SECRET_KEY": "s3cret"}
-        service = Service(home=home, env=clean_environment() | secrets)
-        service.start()
-        assert service.process is not None
-        started = process_tree(service.process.pid)
-        assert any("gcs_server" in command for command in started.values())
-        assert any("raylet" in command for command in started.values())
-        # The cluster's processes do not inherit the service's secrets (its own API workers,
-        # the service itself, do); the workers are in `started`, so they must exit too.
-        assert sum("multiprocessing.spawn" in command for command in started.values()) == 2
-        for pid, command in started.items():
-            if "multiprocessing" in command:
-                continue
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
-            assert b"serve-admin-token" not in environ and b"s3cret" not in environ
-        if sig == signal.SIGTERM:
-            banner = (home / "serve.log").read_text()
-            assert f"API:           {service.url}" in banner
-            dashboard = banner.split("Ray dashboard: ")[1].split()[0]
-            token = (home / "ray_auth_token").read_text().strip()
-            assert RayJobs(dashboard, token).client().list_jobs() == []
+    home = tmp_path
+    secrets = {"ADVORCH_API_TOKEN": "serve-admin-token", "ADVORCH_SECRET_KEY": "s3cret"}
+    service = Service(home=home, env=clean_environment() | secrets)
+    service.start()
+    assert service.process is not None
+    started = process_tree(service.process.pid)
+    assert any("gcs_server" in command for command in started.values())
+    assert any("raylet" in command for command in started.values())
+    # The cluster's processes do not inherit the service's secrets (its own API workers,
+    # the service itself, do); the workers are in `started`, so they must exit too.
+    assert sum("multiprocessing.spawn" in command for command in started.values()) == 2
+    for pid, command in started.items():
+        if "multiprocessing" in command:
+            continue
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"serve-admin-token" not in environ and b"s3cret" not in environ
+    if sig == signal.SIGTERM:
+        banner = (home / "serve.log").read_text()
+        assert f"API:           {service.url}" in banner
+        dashboard = banner.split("Ray dashboard: ")[1].split()[0]
+        token = (home / "ray_auth_token").read_text().strip()
+        assert RayJobs(dashboard, token).client().list_jobs() == []
 
-        exit_code = service.stop(sig)
-        assert exit_code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
-        try:
-            wait_for(f"the Ray head to exit after {sig.name}", lambda: not live(started), 30)  # noqa: B023
-        except AssertionError as error:
-            left = "\n".join(started[pid][:200] for pid in live(started))
-            raise AssertionError(f"{error}; still running:\n{left}") from None
-        with pytest.raises(httpx.TransportError):  # no API worker left to answer
-            httpx.get(f"{service.url}/healthz", timeout=5)
+    exit_code = service.stop(sig)
+    assert exit_code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
+    try:
+        wait_for(f"the Ray head to exit after {sig.name}", lambda: not live(started), 30)
+    except AssertionError as error:
+        left = "\n".join(started[pid][:200] for pid in live(started))
+        raise AssertionError(f"{error}; still running:\n{left}") from None
+    with pytest.raises(httpx.TransportError):  # no API worker left to answer
+        httpx.get(f"{service.url}/healthz", timeout=5)
 
 
 def test_a_retried_submission_starts_one_ray_job(ray_jobs: RayJobs) -> None:

@@ -139,6 +139,10 @@ def test_learning_rate_schedules() -> None:
 # -- whole runs on digits ------------------------------------------------------------------
 
 
+# The tests of these runs go to one pytest-xdist worker (`make test`), which trains them once.
+DIGITS_RUNS_WORKER = pytest.mark.xdist_group("digits_runs")
+
+
 @pytest.fixture(scope="module")
 def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     """Three epochs of each method on digits at epsilon 0.1, evaluated by PGD-20 at 0.1."""
@@ -149,6 +153,7 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     }
 
 
+@DIGITS_RUNS_WORKER
 def test_adversarial_training_is_much_more_robust_than_standard_training(
     digits_runs: dict[str, Run],
 ) -> None:
@@ -163,6 +168,7 @@ def test_adversarial_training_is_much_more_robust_than_standard_training(
         assert result["clean_acc"] > 0.85, method
 
 
+@DIGITS_RUNS_WORKER
 def test_every_epoch_reports_its_metrics_and_a_checkpoint(digits_runs: dict[str, Run]) -> None:
     run = digits_runs["pgd_at"]
 
@@ -178,6 +184,7 @@ def test_every_epoch_reports_its_metrics_and_a_checkpoint(digits_runs: dict[str,
     assert set(run.result) == {"clean_acc", "robust_acc", "best_epoch"}
 
 
+@DIGITS_RUNS_WORKER
 def test_the_last_checkpoint_is_the_best_epochs_model_the_result_was_measured_on(
     digits_runs: dict[str, Run],
 ) -> None:
