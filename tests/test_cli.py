@@ -1,7 +1,12 @@
-"""The ``advorch`` CLI as users run it: a real subprocess talking to a live server over HTTP,
-reading the URL and the token from the same settings and token file as the server (the
-bootstrap admin), or from the config file ``advorch login`` writes. Workers are played
-through the internal routes (the Ray tests run the real ones)."""
+"""The ``advorch`` CLI as users run it, talking to a live server over HTTP, reading the URL and
+the token from the same settings and token file as the server (the bootstrap admin), or from
+the config file ``advorch login`` writes. Workers are played through the internal routes (the
+Ray tests run the real ones).
+
+Most tests run the CLI in this process (``advorch``: its own stdin, stdout, stderr and
+environment, as click's CliRunner gives it, and ``main()`` as the console script calls it),
+since a new Python process costs a third of a second and these tests run a hundred commands.
+The whole path, a real ``advorch`` process, is tested too (``advorch_process``)."""
 
 from __future__ import annotations
 
@@ -20,13 +25,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
 import torch
 import yaml
+from rich.console import Console
+from typer.testing import CliRunner
 
+from service import cli
+from service.cli import main
+from service.settings import get_settings
 from tests.conftest import LiveServer, bearer, finished_autoattack_job, play_workers
+from tests.ray_support import ADVORCH
 from workers.models import build_model, load_checkpoint, model_architecture
 from workers.spec import ARCH_PATH
 
@@ -43,35 +55,68 @@ def cli_config_file(tmp_path: Path) -> Path:
     return tmp_path / "config" / "advorch.toml"
 
 
-@pytest.fixture
-def advorch(live_server: LiveServer, cli_config_file: Path) -> Advorch:
-    """Run ``advorch ARGS`` against the live server, as a user whose ADVORCH_HOME it shares
-    (so, until `advorch login`, as the bootstrap admin). ``input=`` is its stdin."""
-    env = {
-        **os.environ,
+def cli_environment(live_server: LiveServer, cli_config_file: Path) -> dict[str, str | None]:
+    """What a user sharing the live server's ADVORCH_HOME (so, until `advorch login`, the
+    bootstrap admin) sets; None: unset."""
+    return {
         "ADVORCH_HOME": str(live_server.settings.home),
         "ADVORCH_PUBLIC_URL": live_server.url,
         "ADVORCH_CONFIG_FILE": str(cli_config_file),
+        "ADVORCH_API_TOKEN": None,
         "COLUMNS": "200",  # tables whole, not folded to 80 columns
     }
-    env.pop("ADVORCH_API_TOKEN", None)
+
+
+@pytest.fixture
+def advorch(live_server: LiveServer, cli_config_file: Path) -> Advorch:
+    """Run ``advorch ARGS`` against the live server in this process; ``input=`` is its stdin."""
+    environment = cli_environment(live_server, cli_config_file)
 
     def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-c", "from service.cli import main; main()", *args]
+        with (
+            CliRunner().isolation(input=input, env=environment) as (stdout, stderr, _),
+            # What a new process would do: read the settings and the terminal's width (COLUMNS)
+            # from this environment.
+            mock.patch.object(cli, "console", Console()),
+        ):
+            argv, sys.argv = sys.argv, ["advorch", *args]
+            get_settings.cache_clear()
+            try:
+                main()
+                exit_code = 0
+            except SystemExit as exit:
+                exit_code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            finally:
+                sys.argv = argv
+                get_settings.cache_clear()
+            out, err = stdout.getvalue().decode(), stderr.getvalue().decode()  # closed after
+        return subprocess.CompletedProcess(list(args), exit_code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def advorch_process(live_server: LiveServer, cli_config_file: Path) -> Advorch:
+    """Run ``advorch ARGS`` against the live server as a process of its own."""
+    overrides = cli_environment(live_server, cli_config_file)
+    environment = {k: v for k, v in (os.environ | overrides).items() if v is not None}
+
+    def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            command, env=env, input=input, capture_output=True, text=True, timeout=120, cwd=ROOT
-        )
+            [ADVORCH, *args],
+            env=environment, input=input, capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
 
     return run
 
 
 def test_submit_with_overrides_then_read_everything_back(
-    advorch: Callable[..., subprocess.CompletedProcess[str]],
+    advorch_process: Advorch,
     api: httpx.Client,
     dispatch: Callable[[str], httpx.Client],
     tmp_path: Path,
 ) -> None:
-    submitted = advorch(
+    submitted = advorch_process(
         "submit",
         str(SWEEP_EXAMPLE),
         "--set",
@@ -93,27 +138,29 @@ def test_submit_with_overrides_then_read_everything_back(
         ema=frozenset({"trial_0001"}),  # its numbers are of the EMA weights: results say so
     )
 
-    listing = advorch("jobs")
+    listing = advorch_process("jobs")
     row = next(line for line in listing.stdout.splitlines() if job_id in line)
     assert "succeeded" in row and "80.0% PGD-20" in row
-    results = advorch("results", job_id)
+    results = advorch_process("results", job_id)
     assert results.returncode == 0, results.stderr
     best_line = next(line for line in results.stdout.splitlines() if "★" in line)
     assert "trial_0001" in best_line and "beta=6.0" in best_line and "95.0%" in best_line
     assert "(EMA)" in best_line and "of the EMA weights" in results.stdout
     other_line = next(line for line in results.stdout.splitlines() if "trial_0000" in line)
     assert "(EMA)" not in other_line
-    status = advorch("status", job_id)
+    status = advorch_process("status", job_id)
     words = " ".join(status.stdout.split())  # the title wraps at the table's width
     assert "trials 2/2 done" in words and "best robust 80.0% PGD-20 (trial_0001)" in words
 
     plot = tmp_path / "tradeoff.png"
-    tradeoff = advorch("tradeoff", job_id, "--plot", str(plot))
+    tradeoff = advorch_process("tradeoff", job_id, "--plot", str(plot))
     assert tradeoff.returncode == 0, tradeoff.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     downloaded = tmp_path / "best.pt"
-    assert advorch("checkpoint", job_id, "trial_0001", "-o", str(downloaded)).returncode == 0
+    assert (
+        advorch_process("checkpoint", job_id, "trial_0001", "-o", str(downloaded)).returncode == 0
+    )
     model = load_checkpoint(downloaded)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
