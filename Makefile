@@ -41,14 +41,17 @@ DOCKER_COMPOSE_V1 := /usr/bin/docker-compose
 $(DOCKER_COMPOSE_V1):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose
 
-# The suite a developer runs: every test but those marked slow, in two processes.
-test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
-	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadgroup
+# Two pytest-xdist workers; the Ray tests, one group (xdist_group "ray"), all go to one of them.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadgroup
 
-# The whole suite, as CI runs it (.ci/run): every test, in one process, with branch coverage of
-# every process the tests start; below `fail_under` it fails.
+# The suite a developer runs: every test but those marked slow.
+test: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
+	$(PYTEST) -m "not slow"
+
+# The whole suite, as CI runs it (.ci/run), with branch coverage of every process the tests
+# start; below `fail_under` it fails.
 test-all: $(STAMP) $(CHROMIUM) $(DOCKER_COMPOSE_V1)
-	$(BIN)/python -m pytest --cov --cov-report=term --cov-report=html:htmlcov
+	$(PYTEST) --cov --cov-report=term --cov-report=html:htmlcov
 
 lint: $(STAMP)
 	$(BIN)/python deploy/lock.py --check

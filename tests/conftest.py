@@ -368,9 +368,9 @@ def upload_checkpoint(
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`make test`: two workers on two cores, one of them running the Ray
+    """Under pytest-xdist (the Makefile's two workers on two cores, one of them running the Ray
     tests' trials too), torch computes on one thread per worker: with a thread per core in
-    each, they spin against each other and the training tests took 4-7 times as long."""
+    each, they spun against each other, and the digits runs took 86 s instead of 12 s."""
     if hasattr(config, "workerinput"):
         torch.set_num_threads(1)
 
@@ -379,8 +379,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The Ray tests last: the session's cluster starts with the first of them and stays up to
     the end, so a test after them would share the cores with its idle daemons (a tenth of a
-    core here). (Under pytest-xdist, `make test`, the Ray tests are one group, the largest, and
-    a worker takes it first while the other runs the rest.)"""
+    core here). (Under pytest-xdist, as the Makefile runs them, the Ray tests are one group, the
+    largest, which one worker takes first while the other runs the rest.)"""
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 

@@ -139,7 +139,7 @@ def test_learning_rate_schedules() -> None:
 # -- whole runs on digits ------------------------------------------------------------------
 
 
-# The tests of these runs go to one pytest-xdist worker (`make test`), which trains them once.
+# The tests of these runs go to one pytest-xdist worker (the Makefile's), which trains them once.
 DIGITS_RUNS_WORKER = pytest.mark.xdist_group("digits_runs")
 
 
