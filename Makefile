@@ -59,7 +59,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The compose stack, built and run for real on this host's Docker (not part of `make test`).
+# The compose stack, built and run for real on this host's Docker (in neither test command).
 compose-smoke: $(STAMP)
 	deploy/compose-smoke
 

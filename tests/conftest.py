@@ -375,6 +375,12 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Every Ray test in one pytest-xdist group: one worker runs them all, on one cluster."""
+    if item.get_closest_marker("ray") is not None:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering (by session fixture parameter)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The Ray tests last: the session's cluster starts with the first of them and stays up to
@@ -384,23 +390,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
+def claim_the_cluster(worker: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under pytest-xdist the workers' temporary folders share a parent: the first worker to
+    start a cluster claims it there, and another one fails, loudly, rather than start a second
+    cluster on the same cores (which pytest-xdist's loadgroup exists to prevent)."""
+    claim = tmp_path_factory.getbasetemp().parent / "ray-head-worker"
+    try:
+        with claim.open("x") as file:
+            file.write(f"{worker} {os.getpid()}")
+        return
+    except FileExistsError:
+        owner, pid = claim.read_text().split()
+    if owner == worker:
+        return
+    if not Path(f"/proc/{pid}").exists():
+        pytest.fail(f"{owner}, which ran the Ray tests, exited; its Ray processes may be left")
+    pytest.fail(
+        f"the Ray tests run on two pytest-xdist workers ({owner} already started a cluster): "
+        "run them with --dist loadgroup, on a pytest that keeps it (below 9.2)"
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_head(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalRayHead]:
     if hasattr(request.config, "workerinput"):
-        # Under pytest-xdist the workers' temporary folders share a parent: the first worker to
-        # start a cluster claims it there, and a second one fails, loudly, rather than start a
-        # second cluster on the same cores (which pytest-xdist's loadgroup exists to prevent).
-        claim = tmp_path_factory.getbasetemp().parent / "ray-head-worker"
-        try:
-            with claim.open("x") as file:
-                file.write(request.config.workerinput["workerid"])
-        except FileExistsError:
-            pytest.fail(
-                f"the Ray tests run on two pytest-xdist workers ({claim.read_text()} already "
-                "started a cluster): run them with --dist loadgroup, on a pytest that keeps it"
-            )
+        claim_the_cluster(request.config.workerinput["workerid"], tmp_path_factory)
     head = start_local_head(Settings(home=tmp_path_factory.mktemp("ray-head")))
     yield head
     head.stop()

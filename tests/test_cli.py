@@ -3,10 +3,10 @@ the token from the same settings and token file as the server (the bootstrap adm
 the config file ``advorch login`` writes. Workers are played through the internal routes (the
 Ray tests run the real ones).
 
-Most tests run the CLI in this process (``advorch``: its own stdin, stdout, stderr and
-environment, as click's CliRunner gives it, and ``main()`` as the console script calls it),
-since a new Python process costs a third of a second and these tests run a hundred commands.
-The whole path, a real ``advorch`` process, is tested too (``advorch_process``)."""
+Most tests run the CLI in this process (``advorch``: ``main()`` as the console script calls
+it, with its own stdin, stdout, stderr and environment variables as typer's CliRunner gives
+them), since a new Python process costs a third of a second and these tests run a hundred
+commands. The whole path, a real ``advorch`` process, is tested too (``advorch_process``)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,9 @@ SWEEP_EXAMPLE = ROOT / "examples" / "trades_beta_sweep.yaml"
 
 Advorch = Callable[..., subprocess.CompletedProcess[str]]
 
+# In this process no command has a timeout of its own: a hung `--wait` fails its test here.
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def cli_config_file(tmp_path: Path) -> Path:
@@ -80,6 +83,7 @@ def advorch(live_server: LiveServer, cli_config_file: Path) -> Advorch:
             mock.patch.object(cli, "console", Console()),
         ):
             argv, sys.argv = sys.argv, ["advorch", *args]
+            excepthook = sys.excepthook  # typer sets its own
             get_settings.cache_clear()
             try:
                 main()
@@ -87,8 +91,10 @@ def advorch(live_server: LiveServer, cli_config_file: Path) -> Advorch:
             except SystemExit as exit:
                 exit_code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
             finally:
-                sys.argv = argv
+                sys.argv, sys.excepthook = argv, excepthook
                 get_settings.cache_clear()
+            sys.stdout.flush()
+            sys.stderr.flush()
             out, err = stdout.getvalue().decode(), stderr.getvalue().decode()  # closed after
         return subprocess.CompletedProcess(list(args), exit_code, out, err)
 
@@ -505,9 +511,8 @@ def test_a_broken_checkpoint_download_leaves_no_file_and_says_why_in_one_line(
             "ADVORCH_CONFIG_FILE": str(tmp_path / "advorch.toml"),
             "COLUMNS": "300",
         }
-        command = [sys.executable, "-c", "from service.cli import main; main()"]
         result = subprocess.run(
-            [*command, "checkpoint", "job-1", "trial_0000", "-o", str(output)],
+            [ADVORCH, "checkpoint", "job-1", "trial_0000", "-o", str(output)],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert result.returncode == 1

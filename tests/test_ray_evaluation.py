@@ -33,7 +33,7 @@ from workers.data import load_dataset
 from workers.models import build_model, load_checkpoint
 from workers.training import adversarial_train_step
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.ray
 
 AUTOATTACK_EXAMPLES = 12
 EPSILON = 0.1

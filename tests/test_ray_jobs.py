@@ -48,7 +48,7 @@ from workers.evaluate import clean_accuracy
 from workers.models import load_checkpoint, read_checkpoint_meta
 from workers.spec import JobSpec
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.ray
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:

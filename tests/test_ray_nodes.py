@@ -51,7 +51,7 @@ from workers.data import load_dataset
 from workers.evaluate import clean_accuracy
 from workers.models import load_checkpoint
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 BUCKET = "advorch-test"
 # The custom resource only the worker nodes declare, and a spec that asks for it.
