@@ -386,8 +386,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The Ray tests last: the session's cluster starts with the first of them and stays up to
     the end, so a test after them would share the cores with its idle daemons (a tenth of a
     core here). (Under pytest-xdist, as the Makefile runs them, the Ray tests are one group, the
-    largest, which one worker takes first while the other runs the rest.)"""
-    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
+    largest, which one worker takes first while the other runs the rest.) The slow Ray tests,
+    which kill processes and nodes on timers, last of all: by then the other worker is done."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("ray") is not None,
+            item.get_closest_marker("slow") is not None,
+        )
+    )
 
 
 def claim_the_cluster(worker: str, tmp_path_factory: pytest.TempPathFactory) -> None:
