@@ -298,6 +298,17 @@ def assert_every_trial_ended(api: httpx.Client, job_id: str) -> list[dict[str, A
     return trials
 
 
+def run_advorch_process(
+    env: dict[str, str], *args: str, input: str | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``advorch ARGS`` as a process of its own, in the environment ``env``; ``input`` is its
+    stdin."""
+    return subprocess.run(
+        [ADVORCH, *args],
+        env=env, input=input, capture_output=True, text=True, timeout=timeout_s, check=False,
+    )  # fmt: skip
+
+
 def run_cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
     """The ``advorch`` CLI as a user runs it against ``service`` (its URL and admin token)."""
     env = clean_environment() | {
@@ -305,6 +316,4 @@ def run_cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
         "ADVORCH_PORT": str(service.port),
         "ADVORCH_CONFIG_FILE": str(service.home / "cli-config.toml"),
     }
-    return subprocess.run(
-        [ADVORCH, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    return run_advorch_process(env, *args)

@@ -38,7 +38,7 @@ from service import cli
 from service.cli import main
 from service.settings import get_settings
 from tests.conftest import LiveServer, bearer, finished_autoattack_job, play_workers
-from tests.ray_support import ADVORCH
+from tests.ray_support import run_advorch_process
 from workers.models import build_model, load_checkpoint, model_architecture
 from workers.spec import ARCH_PATH
 
@@ -108,10 +108,7 @@ def advorch_process(live_server: LiveServer, cli_config_file: Path) -> Advorch:
     environment = {k: v for k, v in (os.environ | overrides).items() if v is not None}
 
     def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [ADVORCH, *args],
-            env=environment, input=input, capture_output=True, text=True, timeout=120, cwd=ROOT,
-        )  # fmt: skip
+        return run_advorch_process(environment, *args, input=input)
 
     return run
 
@@ -511,10 +508,8 @@ def test_a_broken_checkpoint_download_leaves_no_file_and_says_why_in_one_line(
             "ADVORCH_CONFIG_FILE": str(tmp_path / "advorch.toml"),
             "COLUMNS": "300",
         }
-        result = subprocess.run(
-            [ADVORCH, "checkpoint", "job-1", "trial_0000", "-o", str(output)],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        args = ("checkpoint", "job-1", "trial_0000", "-o", str(output))
+        result = run_advorch_process(env, *args, timeout_s=60)
     assert result.returncode == 1
     assert result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1, result.stderr
     # Neither a truncated file nor the draft it was written to; what was there is kept.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,7 @@ import pytest
 from sqlalchemy import make_url
 
 from service.db import DatabaseUnusable, upgrade_database
-
-ADVORCH = str(Path(sys.executable).with_name("advorch"))
+from tests.ray_support import run_advorch_process
 
 
 def run_advorch(
@@ -31,9 +29,7 @@ def run_advorch(
         "ADVORCH_DATABASE_URL": database_url,
         "ADVORCH_DB_CONNECT_TIMEOUT_S": str(timeout_s),
     }
-    return subprocess.run(
-        [ADVORCH, *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
+    return run_advorch_process(env, *args)
 
 
 @pytest.mark.postgres
